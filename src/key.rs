@@ -1,0 +1,398 @@
+//! How a record is addressed: its primary GUID or one of its alternate keys.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::name::{ColumnName, IntoName, TableName};
+
+/// One typed value of an alternate key column.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyValue {
+    /// A text column, such as `accountnumber`. Never empty.
+    String(String),
+    /// A whole-number column.
+    Integer(i64),
+    /// A GUID column (for example a lookup's id that is part of a key).
+    Guid(Uuid),
+}
+
+impl KeyValue {
+    /// The kind of this value.
+    pub fn kind(&self) -> KeyKind {
+        match self {
+            KeyValue::String(_) => KeyKind::String,
+            KeyValue::Integer(_) => KeyKind::Integer,
+            KeyValue::Guid(_) => KeyKind::Guid,
+        }
+    }
+
+    /// The value as it is stored in a record's fields (JSON).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            KeyValue::String(s) => serde_json::Value::String(s.clone()),
+            KeyValue::Integer(i) => serde_json::Value::from(*i),
+            KeyValue::Guid(g) => serde_json::Value::String(g.to_string()),
+        }
+    }
+
+    /// Reads a field value as a key value of `kind`; `None` if it has another shape.
+    pub fn from_json(kind: KeyKind, value: &serde_json::Value) -> Option<KeyValue> {
+        match kind {
+            KeyKind::String => value
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(|s| KeyValue::String(s.to_owned())),
+            KeyKind::Integer => value.as_i64().map(KeyValue::Integer),
+            KeyKind::Guid => value
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .map(KeyValue::Guid),
+        }
+    }
+}
+
+impl fmt::Display for KeyValue {
+    /// OData literal form: strings single-quoted with `'` doubled, integers and GUIDs bare.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyValue::String(s) => write!(f, "'{}'", s.replace('\'', "''")),
+            KeyValue::Integer(i) => write!(f, "{i}"),
+            KeyValue::Guid(g) => write!(f, "{g}"),
+        }
+    }
+}
+
+impl fmt::Debug for KeyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl From<&str> for KeyValue {
+    fn from(s: &str) -> Self {
+        KeyValue::String(s.to_owned())
+    }
+}
+impl From<String> for KeyValue {
+    fn from(s: String) -> Self {
+        KeyValue::String(s)
+    }
+}
+impl From<i64> for KeyValue {
+    fn from(i: i64) -> Self {
+        KeyValue::Integer(i)
+    }
+}
+impl From<i32> for KeyValue {
+    fn from(i: i32) -> Self {
+        KeyValue::Integer(i.into())
+    }
+}
+impl From<Uuid> for KeyValue {
+    fn from(g: Uuid) -> Self {
+        KeyValue::Guid(g)
+    }
+}
+
+/// The type of an alternate key column, as a schema declares it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    /// Text.
+    String,
+    /// Whole number.
+    Integer,
+    /// GUID.
+    Guid,
+}
+
+impl fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyKind::String => "string",
+            KeyKind::Integer => "integer",
+            KeyKind::Guid => "guid",
+        })
+    }
+}
+
+/// An alternate key: one or more `(column, value)` pairs, kept sorted by column so that the same key written in
+/// another order compares, hashes and prints the same.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(
+    try_from = "BTreeMap<ColumnName, KeyValue>",
+    into = "BTreeMap<ColumnName, KeyValue>"
+)]
+pub struct AlternateKey(BTreeMap<ColumnName, KeyValue>);
+
+impl AlternateKey {
+    /// Builds a key from `(column, value)` pairs. Fails with [`Error::InvalidKey`] on no pairs, a repeated
+    /// column or an empty string value, and with [`Error::InvalidName`] on a bad column name.
+    pub fn new<C, V>(
+        table: &TableName,
+        parts: impl IntoIterator<Item = (C, V)>,
+    ) -> Result<Self, Error>
+    where
+        C: IntoName<ColumnName>,
+        V: Into<KeyValue>,
+    {
+        let mut map = BTreeMap::new();
+        for (column, value) in parts {
+            let column = column.into_name()?;
+            let value = value.into();
+            if matches!(&value, KeyValue::String(s) if s.is_empty()) {
+                return Err(Error::InvalidKey {
+                    table: table.clone(),
+                    reason: format!("column '{column}' has an empty value"),
+                });
+            }
+            if map.insert(column.clone(), value).is_some() {
+                return Err(Error::InvalidKey {
+                    table: table.clone(),
+                    reason: format!("column '{column}' appears twice"),
+                });
+            }
+        }
+        if map.is_empty() {
+            return Err(Error::InvalidKey {
+                table: table.clone(),
+                reason: "an alternate key needs at least one column".into(),
+            });
+        }
+        Ok(Self(map))
+    }
+
+    /// The `(column, value)` pairs, sorted by column.
+    pub fn parts(&self) -> impl ExactSizeIterator<Item = (&ColumnName, &KeyValue)> {
+        self.0.iter()
+    }
+
+    /// The value of one column of the key.
+    pub fn get(&self, column: &str) -> Option<&KeyValue> {
+        self.0.get(column)
+    }
+
+    /// The columns, sorted.
+    pub fn columns(&self) -> impl ExactSizeIterator<Item = &ColumnName> {
+        self.0.keys()
+    }
+}
+
+// Deserialization has no table to name, so it reports a plain message (serde adds the position).
+impl TryFrom<BTreeMap<ColumnName, KeyValue>> for AlternateKey {
+    type Error = &'static str;
+    fn try_from(map: BTreeMap<ColumnName, KeyValue>) -> Result<Self, Self::Error> {
+        if map.is_empty() {
+            return Err("an alternate key needs at least one column");
+        }
+        if map
+            .values()
+            .any(|v| matches!(v, KeyValue::String(s) if s.is_empty()))
+        {
+            return Err("an alternate key value must not be empty");
+        }
+        Ok(Self(map))
+    }
+}
+
+impl From<AlternateKey> for BTreeMap<ColumnName, KeyValue> {
+    fn from(key: AlternateKey) -> Self {
+        key.0
+    }
+}
+
+impl fmt::Display for AlternateKey {
+    /// `accountnumber='A-1042'`, or `emailaddress1='a@b.c',employeeid=7` for a composite key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (column, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{column}={value}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for AlternateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// How a record is addressed within its table.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Key {
+    /// The primary key (GUID).
+    Id(Uuid),
+    /// An alternate key.
+    Alternate(AlternateKey),
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Id(id) => write!(f, "{id}"),
+            Key::Alternate(key) => write!(f, "{key}"),
+        }
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A reference to one record: its table and its key. Prints like an OData address: `account(accountnumber='A-1042')`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EntityRef {
+    /// The table.
+    pub table: TableName,
+    /// The key within the table.
+    pub key: Key,
+}
+
+impl EntityRef {
+    /// A reference by primary GUID. The nil GUID is rejected: no store accepts it as a record id.
+    pub fn by_id(table: impl IntoName<TableName>, id: Uuid) -> Result<Self, Error> {
+        let table = table.into_name()?;
+        if id.is_nil() {
+            return Err(Error::InvalidKey {
+                table,
+                reason: "the nil GUID is not a record id".into(),
+            });
+        }
+        Ok(Self {
+            table,
+            key: Key::Id(id),
+        })
+    }
+
+    /// A reference by alternate key, single (`[("accountnumber", "A-1042")]`) or composite.
+    pub fn by_key<C, V>(
+        table: impl IntoName<TableName>,
+        parts: impl IntoIterator<Item = (C, V)>,
+    ) -> Result<Self, Error>
+    where
+        C: IntoName<ColumnName>,
+        V: Into<KeyValue>,
+    {
+        let table = table.into_name()?;
+        let key = AlternateKey::new(&table, parts)?;
+        Ok(Self {
+            table,
+            key: Key::Alternate(key),
+        })
+    }
+
+    /// The GUID, when the reference is by primary key.
+    pub fn id(&self) -> Option<Uuid> {
+        match self.key {
+            Key::Id(id) => Some(id),
+            Key::Alternate(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for EntityRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.table, self.key)
+    }
+}
+
+impl fmt::Debug for EntityRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn composite_keys_are_order_independent() {
+        let a = EntityRef::by_key(
+            "contact",
+            [
+                ("firstname", KeyValue::from("Joe")),
+                ("employeeid", 7.into()),
+            ],
+        )
+        .unwrap();
+        let b = EntityRef::by_key(
+            "contact",
+            [
+                ("employeeid", KeyValue::from(7)),
+                ("firstname", "Joe".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.to_string(), "contact(employeeid=7,firstname='Joe')");
+    }
+
+    #[test]
+    fn display_doubles_single_quotes() {
+        let r = EntityRef::by_key("account", [("accountnumber", "O'Brien & Co/1?")]).unwrap();
+        assert_eq!(r.to_string(), "account(accountnumber='O''Brien & Co/1?')");
+    }
+
+    #[test]
+    fn bad_keys_are_typed_errors() {
+        let empty: [(&str, &str); 0] = [];
+        assert!(matches!(
+            EntityRef::by_key("account", empty),
+            Err(Error::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            EntityRef::by_key("account", [("accountnumber", "")]),
+            Err(Error::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            EntityRef::by_key("account", [("accountnumber", "a"), ("accountnumber", "b")]),
+            Err(Error::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            EntityRef::by_key("account", [("bad col", "a")]),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            EntityRef::by_id("account", Uuid::nil()),
+            Err(Error::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            EntityRef::by_id("bad table", Uuid::new_v4()),
+            Err(Error::InvalidName { .. })
+        ));
+    }
+
+    #[test]
+    fn serde_round_trip_and_validation() {
+        let r = EntityRef::by_key(
+            "contact",
+            [
+                ("emailaddress1", KeyValue::from("a@b.c")),
+                ("employeeid", 7.into()),
+            ],
+        )
+        .unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"table":"contact","key":{"alternate":{"emailaddress1":{"string":"a@b.c"},"employeeid":{"integer":7}}}}"#
+        );
+        assert_eq!(serde_json::from_str::<EntityRef>(&json).unwrap(), r);
+        let empty = r#"{"table":"contact","key":{"alternate":{}}}"#;
+        assert!(serde_json::from_str::<EntityRef>(empty).is_err());
+        let blank = r#"{"table":"contact","key":{"alternate":{"x":{"string":""}}}}"#;
+        assert!(serde_json::from_str::<EntityRef>(blank).is_err());
+    }
+}

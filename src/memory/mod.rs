@@ -1,0 +1,561 @@
+//! [`MemoryStore`]: a thread-safe in-memory [`RecordStore`](crate::RecordStore) that enforces the whole contract
+//! (declared keys, unique alternate keys, lookup validation, conditional writes, versions), with fault injection.
+
+mod faults;
+
+pub use faults::{Fault, FaultInjector};
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::key::{AlternateKey, EntityRef, Key, KeyValue};
+use crate::name::{ColumnName, TableName};
+use crate::record::{Fields, HydrationState, Record, StoredRecord, Version};
+use crate::schema::{AlternateKeyDef, Schema, TableSchema};
+use crate::store::{Change, Precondition, RecordStore, Write, WriteOutcome};
+
+/// Calls a [`MemoryStore`] has served, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// `read` calls.
+    pub reads: u64,
+    /// `write` and `write_batch` calls (a batch counts once, like one HTTP request).
+    pub write_calls: u64,
+    /// Writes received, batched or not.
+    pub writes: u64,
+}
+
+/// A thread-safe in-memory store. Each write (and each whole batch) holds one lock, so every item is atomic and
+/// create-only is race-free.
+pub struct MemoryStore {
+    name: String,
+    schema: Schema,
+    data: Mutex<Data>,
+    faults: FaultInjector,
+    reads: AtomicU64,
+    write_calls: AtomicU64,
+    writes: AtomicU64,
+}
+
+#[derive(Default)]
+struct Data {
+    tables: HashMap<TableName, TableData>,
+    last_version: u64,
+}
+
+#[derive(Default)]
+struct TableData {
+    rows: HashMap<Uuid, Row>,
+    /// One unique index per declared alternate key: key values (in the key's column order) → id.
+    keys: Vec<HashMap<Vec<KeyValue>, Uuid>>,
+}
+
+struct Row {
+    fields: Fields,
+    lookups: BTreeMap<ColumnName, Uuid>,
+    state: HydrationState,
+    source_version: Option<u64>,
+    version: u64,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let data = self.lock();
+        let rows: BTreeMap<&str, usize> = data
+            .tables
+            .iter()
+            .map(|(t, d)| (t.as_str(), d.rows.len()))
+            .collect();
+        f.debug_struct("MemoryStore")
+            .field("name", &self.name)
+            .field("rows", &rows)
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store holding the tables of `schema`.
+    pub fn new(schema: Schema) -> Self {
+        Self {
+            name: "memory".into(),
+            schema,
+            data: Mutex::new(Data::default()),
+            faults: FaultInjector::default(),
+            reads: AtomicU64::new(0),
+            write_calls: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    /// Names the store in errors and traces (`memory:<name>`).
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = format!("memory:{name}");
+        self
+    }
+
+    /// The schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Fault injection switches.
+    pub fn faults(&self) -> &FaultInjector {
+        &self.faults
+    }
+
+    /// Calls served so far.
+    pub fn stats(&self) -> MemoryStats {
+        MemoryStats {
+            reads: self.reads.load(Ordering::Relaxed),
+            write_calls: self.write_calls.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A snapshot of every record of `table`, ordered by id.
+    pub fn records(&self, table: &TableName) -> Result<Vec<StoredRecord>> {
+        let schema = self.schema.table(table)?;
+        let data = self.lock();
+        let mut records: Vec<StoredRecord> = data
+            .tables
+            .get(table)
+            .map(|t| {
+                t.rows
+                    .iter()
+                    .map(|(id, row)| row.to_stored(schema, *id))
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.sort_by_key(|r| r.id);
+        Ok(records)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Data> {
+        // Nothing panics while holding the lock, but a poisoned lock must not take the store down with it.
+        self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl RecordStore for MemoryStore {
+    fn backend(&self) -> &str {
+        &self.name
+    }
+
+    async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.faults
+            .check()
+            .await
+            .map_err(|fault| fault.error(&self.name))?;
+        let schema = self.schema.table(&reference.table)?;
+        let data = self.lock();
+        let Some(id) = data.locate(&self.schema, reference)? else {
+            return Ok(None);
+        };
+        Ok(data
+            .tables
+            .get(&reference.table)
+            .and_then(|t| t.rows.get(&id))
+            .map(|row| row.to_stored(schema, id)))
+    }
+
+    async fn write(&self, write: &Write) -> Result<WriteOutcome> {
+        self.write_calls.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.faults
+            .check()
+            .await
+            .map_err(|fault| fault.error(&self.name))?;
+        self.lock().apply(&self.schema, write)
+    }
+
+    async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
+        self.write_calls.fetch_add(1, Ordering::Relaxed);
+        self.writes
+            .fetch_add(writes.len() as u64, Ordering::Relaxed);
+        if let Err(fault) = self.faults.check().await {
+            // The whole request failed: every item reports it, none was applied.
+            return writes
+                .iter()
+                .map(|_| Err(fault.error(&self.name)))
+                .collect();
+        }
+        let mut data = self.lock();
+        writes
+            .iter()
+            .map(|write| data.apply(&self.schema, write))
+            .collect()
+    }
+}
+
+impl Row {
+    fn to_stored(&self, schema: &TableSchema, id: Uuid) -> StoredRecord {
+        let lookups = self
+            .lookups
+            .iter()
+            .filter_map(|(name, target)| {
+                let table = schema.lookups.get(name)?.clone();
+                Some((
+                    name.clone(),
+                    EntityRef {
+                        table,
+                        key: Key::Id(*target),
+                    },
+                ))
+            })
+            .collect();
+        StoredRecord {
+            id,
+            version: Version(self.version),
+            record: Record {
+                reference: EntityRef {
+                    table: schema.name.clone(),
+                    key: Key::Id(id),
+                },
+                fields: self.fields.clone(),
+                lookups,
+                source_version: self.source_version,
+                state: self.state,
+            },
+        }
+    }
+}
+
+/// The values of `def`'s columns, each taken from `get`; `None` unless all are present.
+fn key_values<'a>(
+    def: &AlternateKeyDef,
+    get: impl Fn(&ColumnName) -> Option<&'a serde_json::Value>,
+) -> Option<Vec<KeyValue>> {
+    def.columns
+        .iter()
+        .map(|(column, kind)| get(column).and_then(|v| KeyValue::from_json(*kind, v)))
+        .collect()
+}
+
+fn duplicate(
+    schema: &TableSchema,
+    def: &AlternateKeyDef,
+    values: &[KeyValue],
+    existing: Uuid,
+) -> Error {
+    let parts = def
+        .columns
+        .iter()
+        .map(|(c, _)| c.clone())
+        .zip(values.iter().cloned());
+    match AlternateKey::new(&schema.name, parts) {
+        Ok(key) => Error::DuplicateKey {
+            table: schema.name.clone(),
+            key,
+            existing,
+        },
+        Err(err) => err,
+    }
+}
+
+impl Data {
+    /// The id of the record `reference` addresses, if it exists. Errors if the address is not valid for the table.
+    fn locate(&self, schema: &Schema, reference: &EntityRef) -> Result<Option<Uuid>> {
+        let table = schema.table(&reference.table)?;
+        let data = self.tables.get(&reference.table);
+        match &reference.key {
+            Key::Id(id) => Ok(data.filter(|d| d.rows.contains_key(id)).map(|_| *id)),
+            Key::Alternate(key) => {
+                let (index, values) = key_address(table, key)?;
+                Ok(data
+                    .and_then(|d| d.keys.get(index))
+                    .and_then(|k| k.get(&values))
+                    .copied())
+            }
+        }
+    }
+
+    /// Validates and applies one write. Nothing is modified unless every check passes.
+    fn apply(&mut self, schema: &Schema, write: &Write) -> Result<WriteOutcome> {
+        let Write {
+            record,
+            precondition,
+        } = write;
+        let precondition = *precondition;
+        let table = schema.table(record.table())?;
+        let invalid = |field: &ColumnName, reason: String| Error::InvalidValue {
+            reference: Box::new(record.reference.clone()),
+            field: field.clone(),
+            reason,
+        };
+
+        let address = match &record.reference.key {
+            Key::Id(_) => None,
+            Key::Alternate(key) => {
+                key_address(table, key)?;
+                Some(key)
+            }
+        };
+        for (column, value) in &record.fields {
+            if *column == table.primary_id {
+                return Err(invalid(
+                    column,
+                    "the primary id is set by addressing the record by id".into(),
+                ));
+            }
+            if table.lookups.contains_key(column) {
+                return Err(invalid(
+                    column,
+                    "this is a lookup: set it through the record's lookups".into(),
+                ));
+            }
+            let Some(ty) = table.column_type(column) else {
+                return Err(Error::UnknownColumn {
+                    table: table.name.clone(),
+                    column: column.clone(),
+                });
+            };
+            if !value.is_null() && !ty.accepts(value) {
+                return Err(invalid(
+                    column,
+                    format!("expected a {ty:?} value, got {value}"),
+                ));
+            }
+            if let Some(key) = address
+                && let Some(key_value) = key.get(column.as_str())
+                && *value != key_value.to_json()
+            {
+                return Err(invalid(
+                    column,
+                    format!("contradicts the record's key, which has {key_value}"),
+                ));
+            }
+        }
+        let mut lookups = BTreeMap::new();
+        for (name, target) in &record.lookups {
+            let Some(target_table) = table.lookups.get(name) else {
+                return Err(Error::UnknownColumn {
+                    table: table.name.clone(),
+                    column: name.clone(),
+                });
+            };
+            if target.table != *target_table {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "lookup targets table '{target_table}', not '{}'",
+                        target.table
+                    ),
+                ));
+            }
+            let Some(target_id) = self.locate(schema, target)? else {
+                return Err(Error::MissingReference {
+                    reference: Box::new(record.reference.clone()),
+                    field: name.clone(),
+                    target: Box::new(target.clone()),
+                });
+            };
+            lookups.insert(name.clone(), target_id);
+        }
+
+        let existing = self.locate(schema, &record.reference)?;
+        match (existing, precondition) {
+            (Some(_), Precondition::CreateOnly) => {
+                return Err(Error::AlreadyExists {
+                    reference: Box::new(record.reference.clone()),
+                });
+            }
+            (None, Precondition::UpdateOnly | Precondition::MatchVersion(_)) => {
+                return Err(Error::NotFound {
+                    reference: Box::new(record.reference.clone()),
+                });
+            }
+            _ => {}
+        }
+        match existing {
+            None => self.create(table, record, lookups),
+            Some(id) => self.update(table, id, record, lookups, precondition),
+        }
+    }
+
+    fn create(
+        &mut self,
+        table: &TableSchema,
+        record: &Record,
+        lookups: BTreeMap<ColumnName, Uuid>,
+    ) -> Result<WriteOutcome> {
+        let id = record.reference.id().unwrap_or_else(Uuid::new_v4);
+        let mut fields: Fields = record
+            .fields
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(c, v)| (c.clone(), v.clone()))
+            .collect();
+        if let Key::Alternate(key) = &record.reference.key {
+            for (column, value) in key.parts() {
+                fields.insert(column.clone(), value.to_json());
+            }
+        }
+        let data = self.tables.entry(table.name.clone()).or_default();
+        data.keys
+            .resize_with(table.alternate_keys.len(), HashMap::new);
+        let mut new_keys = Vec::new();
+        for (index, def) in table.alternate_keys.iter().enumerate() {
+            if let Some(values) = key_values(def, |c| fields.get(c)) {
+                if let Some(existing) = data.keys[index].get(&values) {
+                    return Err(duplicate(table, def, &values, *existing));
+                }
+                new_keys.push((index, values));
+            }
+        }
+        for (index, values) in new_keys {
+            data.keys[index].insert(values, id);
+        }
+        self.last_version += 1;
+        let (state, version) = (record.state, self.last_version);
+        data.rows.insert(
+            id,
+            Row {
+                fields,
+                lookups,
+                state,
+                source_version: record.source_version,
+                version,
+            },
+        );
+        Ok(WriteOutcome {
+            id,
+            version: Version(version),
+            change: Change::Created,
+            previous_state: None,
+            state,
+        })
+    }
+
+    fn update(
+        &mut self,
+        table: &TableSchema,
+        id: Uuid,
+        record: &Record,
+        lookups: BTreeMap<ColumnName, Uuid>,
+        precondition: Precondition,
+    ) -> Result<WriteOutcome> {
+        let data = self.tables.entry(table.name.clone()).or_default();
+        data.keys
+            .resize_with(table.alternate_keys.len(), HashMap::new);
+        let Some(row) = data.rows.get_mut(&id) else {
+            return Err(Error::NotFound {
+                reference: Box::new(record.reference.clone()),
+            });
+        };
+        if let Precondition::MatchVersion(expected) = precondition
+            && expected.0 != row.version
+        {
+            return Err(Error::VersionMismatch {
+                reference: Box::new(record.reference.clone()),
+                expected,
+                actual: Version(row.version),
+            });
+        }
+        // A hydrated record never becomes a placeholder again.
+        let state = if row.state == HydrationState::Hydrated {
+            HydrationState::Hydrated
+        } else {
+            record.state
+        };
+        let source_version = record.source_version.or(row.source_version);
+        let fields_change = record.fields.iter().any(|(c, v)| match row.fields.get(c) {
+            Some(current) => current != v,
+            None => !v.is_null(),
+        });
+        let lookups_change = lookups.iter().any(|(n, t)| row.lookups.get(n) != Some(t));
+        let previous_state = row.state;
+        if !fields_change
+            && !lookups_change
+            && state == previous_state
+            && source_version == row.source_version
+        {
+            let version = Version(row.version);
+            return Ok(WriteOutcome {
+                id,
+                version,
+                change: Change::Unchanged,
+                previous_state: Some(previous_state),
+                state,
+            });
+        }
+
+        let patched = |c: &ColumnName| match record.fields.get(c) {
+            Some(v) if v.is_null() => None,
+            Some(v) => Some(v),
+            None => row.fields.get(c),
+        };
+        let mut key_changes = Vec::new();
+        for (index, def) in table.alternate_keys.iter().enumerate() {
+            let old = key_values(def, |c| row.fields.get(c));
+            let new = key_values(def, patched);
+            if old == new {
+                continue;
+            }
+            if let Some(values) = &new
+                && let Some(other) = data.keys[index].get(values)
+                && *other != id
+            {
+                return Err(duplicate(table, def, values, *other));
+            }
+            key_changes.push((index, old, new));
+        }
+
+        // Every check passed: apply.
+        for (index, old, new) in key_changes {
+            if let Some(old) = old {
+                data.keys[index].remove(&old);
+            }
+            if let Some(new) = new {
+                data.keys[index].insert(new, id);
+            }
+        }
+        for (column, value) in &record.fields {
+            if value.is_null() {
+                row.fields.remove(column);
+            } else {
+                row.fields.insert(column.clone(), value.clone());
+            }
+        }
+        row.lookups.extend(lookups);
+        row.state = state;
+        row.source_version = source_version;
+        self.last_version += 1;
+        row.version = self.last_version;
+        let version = Version(row.version);
+        Ok(WriteOutcome {
+            id,
+            version,
+            change: Change::Updated,
+            previous_state: Some(previous_state),
+            state,
+        })
+    }
+}
+
+/// Which declared key `key` is, and its values in that key's column order; checks the value types.
+fn key_address(table: &TableSchema, key: &AlternateKey) -> Result<(usize, Vec<KeyValue>)> {
+    let Some((index, def)) = table.alternate_key(key) else {
+        let columns: Vec<&str> = key.columns().map(ColumnName::as_str).collect();
+        return Err(Error::InvalidKey {
+            table: table.name.clone(),
+            reason: format!("({}) is not a declared alternate key", columns.join(", ")),
+        });
+    };
+    for ((column, value), (_, kind)) in key.parts().zip(&def.columns) {
+        if value.kind() != *kind {
+            return Err(Error::InvalidKey {
+                table: table.name.clone(),
+                reason: format!("key column '{column}' takes a {kind} value, got {value}"),
+            });
+        }
+    }
+    Ok((index, key.parts().map(|(_, v)| v.clone()).collect()))
+}

@@ -1,0 +1,217 @@
+//! The storage contract: [`RecordStore`].
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::key::EntityRef;
+use crate::record::{HydrationState, Record, StoredRecord, Version};
+
+/// The condition a write must meet to be applied. A write that fails its condition changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Precondition {
+    /// Upsert: update if the record exists, create it otherwise.
+    #[default]
+    None,
+    /// Create only: fails with [`Error::AlreadyExists`] if the record exists (Dataverse `If-None-Match: *`).
+    CreateOnly,
+    /// Update only: fails with [`Error::NotFound`] if the record is missing (Dataverse `If-Match: *`).
+    UpdateOnly,
+    /// Optimistic concurrency: update only if the record is at this version, else [`Error::VersionMismatch`]
+    /// ([`Error::NotFound`] if it is missing).
+    MatchVersion(Version),
+}
+
+/// One write: a record and the condition it is applied under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Write {
+    /// What to write.
+    pub record: Record,
+    /// When to write it.
+    pub precondition: Precondition,
+}
+
+impl Write {
+    /// An upsert.
+    pub fn upsert(record: Record) -> Self {
+        Self {
+            record,
+            precondition: Precondition::None,
+        }
+    }
+
+    /// A create-only write.
+    pub fn create_only(record: Record) -> Self {
+        Self {
+            record,
+            precondition: Precondition::CreateOnly,
+        }
+    }
+
+    /// An update-only write.
+    pub fn update_only(record: Record) -> Self {
+        Self {
+            record,
+            precondition: Precondition::UpdateOnly,
+        }
+    }
+
+    /// A write applied only if the record is at `version`.
+    pub fn if_version(record: Record, version: Version) -> Self {
+        Self {
+            record,
+            precondition: Precondition::MatchVersion(version),
+        }
+    }
+}
+
+impl From<Record> for Write {
+    fn from(record: Record) -> Self {
+        Write::upsert(record)
+    }
+}
+
+/// What a successful write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// The record did not exist and was created.
+    Created,
+    /// The record existed and at least one value changed.
+    Updated,
+    /// The record existed and already held these values: nothing changed, not even its version.
+    Unchanged,
+}
+
+/// The result of a successful write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteOutcome {
+    /// The record's primary GUID.
+    pub id: Uuid,
+    /// Its version after the write.
+    pub version: Version,
+    /// Created, updated or unchanged.
+    pub change: Change,
+    /// Its hydration state before the write (`None` if it was created).
+    pub previous_state: Option<HydrationState>,
+    /// Its hydration state after the write.
+    pub state: HydrationState,
+}
+
+impl WriteOutcome {
+    /// True when this write is the one that made the record hold real data: it created a hydrated record or
+    /// turned a placeholder into one. Stores decide this atomically with the write, so for each record exactly
+    /// one successful write reports it.
+    pub fn became_hydrated(&self) -> bool {
+        self.state == HydrationState::Hydrated
+            && self.previous_state != Some(HydrationState::Hydrated)
+    }
+}
+
+/// What ensuring one reference found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ensured {
+    /// The record was already there (hydrated or placeholder) and was left exactly as it was.
+    Existed,
+    /// It was missing; a placeholder was created with this id.
+    Created {
+        /// The placeholder's id.
+        id: Uuid,
+    },
+}
+
+/// A system of record, addressed by table and key.
+///
+/// # Contract
+///
+/// Every adapter must behave as follows; [`conformance`](crate::conformance) checks it.
+///
+/// * A write changes only the fields it names; `null` clears a field. A write that fails changes nothing.
+/// * Fields that repeat the address's key columns must agree with it ([`Error::InvalidValue`] otherwise); the
+///   primary id column is set only by addressing by id.
+/// * Only declared alternate keys address records ([`Error::InvalidKey`]); alternate key values are unique
+///   ([`Error::DuplicateKey`]).
+/// * Every lookup target must exist, else [`Error::MissingReference`] naming it.
+/// * [`Precondition`]s are checked atomically with the write.
+/// * A write that changes nothing reports [`Change::Unchanged`] and does not bump the version.
+/// * A record's hydration state never goes from hydrated back to placeholder; the write that makes a record
+///   hydrated reports it in [`WriteOutcome::previous_state`].
+/// * Transient failures are reported as errors whose [`Error::is_retryable`] is true.
+///
+/// # Implementing
+///
+/// Implement [`read`](Self::read) and [`write`](Self::write). Override [`write_batch`](Self::write_batch) when the
+/// backend can do better than one call per write, and [`ensure_placeholders`](Self::ensure_placeholders) when it
+/// has a faster way to create-if-missing than create-only writes. [`EnsureExists`](crate::EnsureExists) comes for
+/// free.
+#[async_trait]
+pub trait RecordStore: Send + Sync + Debug {
+    /// A short name for errors and traces, such as `memory:eu` or the Dataverse host.
+    fn backend(&self) -> &str;
+
+    /// Reads a record. `Ok(None)` if it does not exist.
+    async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>>;
+
+    /// Applies one write. Writes are borrowed so that callers can resend them (retries, re-ensure).
+    async fn write(&self, write: &Write) -> Result<WriteOutcome>;
+
+    /// Applies writes in order and returns one result per write, in the same order. One failure does not stop
+    /// or hide the others, and a failed item changes nothing.
+    async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
+        let mut results = Vec::with_capacity(writes.len());
+        for write in writes {
+            results.push(self.write(write).await);
+        }
+        results
+    }
+
+    /// Creates each placeholder unless a record already exists at its address, leaving existing records
+    /// untouched. One result per placeholder, in order.
+    ///
+    /// The default sends the placeholders as create-only writes in one [`write_batch`](Self::write_batch) and
+    /// reads [`Error::AlreadyExists`] as [`Ensured::Existed`]; this is race-free because the store checks
+    /// create-only atomically.
+    async fn ensure_placeholders(&self, placeholders: Vec<Record>) -> Vec<Result<Ensured>> {
+        let writes: Vec<Write> = placeholders.into_iter().map(Write::create_only).collect();
+        self.write_batch(&writes)
+            .await
+            .into_iter()
+            .map(|result| match result {
+                Ok(outcome) => Ok(Ensured::Created { id: outcome.id }),
+                Err(Error::AlreadyExists { .. }) => Ok(Ensured::Existed),
+                Err(err) => Err(err),
+            })
+            .collect()
+    }
+}
+
+macro_rules! forward_record_store {
+    ($($ptr:ty),*) => {$(
+        #[async_trait]
+        impl<S: RecordStore + ?Sized> RecordStore for $ptr {
+            fn backend(&self) -> &str {
+                (**self).backend()
+            }
+            async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
+                (**self).read(reference).await
+            }
+            async fn write(&self, write: &Write) -> Result<WriteOutcome> {
+                (**self).write(write).await
+            }
+            async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
+                (**self).write_batch(writes).await
+            }
+            async fn ensure_placeholders(&self, placeholders: Vec<Record>) -> Vec<Result<Ensured>> {
+                (**self).ensure_placeholders(placeholders).await
+            }
+        }
+    )*};
+}
+
+// Wrappers forward every method, so a store's faster overrides survive being put behind a pointer.
+forward_record_store!(Arc<S>, Box<S>);

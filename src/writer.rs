@@ -1,0 +1,507 @@
+//! [`EnsuringWriter`]: the ensure-then-write orchestrator.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use tracing::Instrument;
+
+use crate::ensure::{EnsureExists, EnsureReport};
+use crate::error::{Error, Result};
+use crate::guard::{Guarded, HydrationHooks};
+use crate::hydration::{HydrationPolicy, Policies};
+use crate::key::{EntityRef, Key};
+use crate::record::{HydrationState, Record};
+use crate::store::{Change, Precondition, RecordStore, Write, WriteOutcome};
+
+/// The default number of writes sent to the store in one call (the Dataverse `$batch` limit).
+pub const DEFAULT_BATCH_SIZE: usize = 1000;
+
+/// Writes records after making sure everything they refer to exists.
+///
+/// For each write it ensures every lookup target (a placeholder for each missing one, nothing at all for the
+/// others), then writes the record. A full write of a placeholder hydrates it; placeholders are only ever created
+/// with create-only writes, so they never overwrite real data.
+#[derive(Debug, Clone)]
+pub struct EnsuringWriter {
+    store: Arc<dyn RecordStore>,
+    policy: Arc<dyn HydrationPolicy>,
+    hooks: Arc<HydrationHooks>,
+    batch_size: NonZeroUsize,
+}
+
+/// The result of [`EnsuringWriter::write`].
+#[derive(Debug)]
+pub struct Written {
+    /// What the write did.
+    pub outcome: WriteOutcome,
+    /// What ensuring the record's lookups did.
+    pub ensured: EnsureReport,
+}
+
+/// The result of [`EnsuringWriter::write_batch`].
+#[derive(Debug)]
+pub struct BatchReport {
+    /// One result per input write, in input order.
+    pub results: Vec<Result<WriteOutcome>>,
+    /// Every reference ensured along the way (including re-ensures).
+    pub ensured: EnsureReport,
+}
+
+/// Counts over a [`BatchReport`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// Records created.
+    pub created: usize,
+    /// Records updated.
+    pub updated: usize,
+    /// Writes that changed nothing.
+    pub unchanged: usize,
+    /// Writes that failed.
+    pub failed: usize,
+    /// Placeholders created for missing references.
+    pub placeholders: usize,
+}
+
+impl BatchReport {
+    /// Created / updated / unchanged / failed / placeholder counts.
+    pub fn counts(&self) -> BatchCounts {
+        let mut counts = BatchCounts {
+            placeholders: self.ensured.created().count(),
+            ..BatchCounts::default()
+        };
+        for result in &self.results {
+            match result {
+                Ok(o) if o.change == Change::Created => counts.created += 1,
+                Ok(o) if o.change == Change::Updated => counts.updated += 1,
+                Ok(_) => counts.unchanged += 1,
+                Err(_) => counts.failed += 1,
+            }
+        }
+        counts
+    }
+
+    /// The failed writes: input index and error.
+    pub fn failures(&self) -> impl Iterator<Item = (usize, &Error)> {
+        self.results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
+    }
+
+    /// Whether every write succeeded.
+    pub fn is_success(&self) -> bool {
+        self.results.iter().all(Result::is_ok)
+    }
+}
+
+impl EnsuringWriter {
+    /// A writer over `store` with the zero-configuration policy ([`Policies::default`]).
+    pub fn new(store: Arc<dyn RecordStore>) -> Self {
+        Self {
+            store,
+            policy: Arc::new(Policies::default()),
+            hooks: Arc::new(HydrationHooks::new()),
+            batch_size: NonZeroUsize::new(DEFAULT_BATCH_SIZE).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+
+    /// Uses `policy` for placeholders and hydration.
+    pub fn with_policy(mut self, policy: impl HydrationPolicy + 'static) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// Shares a hook registry (for example with other writers to the same store).
+    pub fn with_hooks(mut self, hooks: Arc<HydrationHooks>) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    /// Writes at most `size` records per store call (default [`DEFAULT_BATCH_SIZE`]).
+    pub fn with_batch_size(mut self, size: NonZeroUsize) -> Self {
+        self.batch_size = size;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn RecordStore> {
+        &self.store
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &dyn HydrationPolicy {
+        &*self.policy
+    }
+
+    /// The hook registry: register "on hydrated" logic and deferred tasks here.
+    pub fn hooks(&self) -> &Arc<HydrationHooks> {
+        &self.hooks
+    }
+
+    /// `record` seen through the policy, for guarded field access.
+    pub fn guard<'a>(&'a self, record: &'a Record) -> Guarded<'a> {
+        Guarded::new(record, &*self.policy)
+    }
+
+    /// Ensures references exist (see [`EnsureExists`]).
+    pub async fn ensure(&self, references: &[EntityRef]) -> EnsureReport {
+        self.store.ensure_exists(references, &*self.policy).await
+    }
+
+    /// Ensures the record's lookup targets, then writes it.
+    pub async fn write(&self, write: impl Into<Write>) -> Result<Written> {
+        let BatchReport { results, ensured } = self.write_batch([write.into()]).await;
+        match results.into_iter().next() {
+            Some(Ok(outcome)) => Ok(Written { outcome, ensured }),
+            Some(Err(err)) => Err(err),
+            None => Err(Error::Backend {
+                backend: self.store.backend().to_owned(),
+                message: "a batch of one write returned no result".into(),
+                retryable: false,
+                source: None,
+            }),
+        }
+    }
+
+    /// Writes many records: the lookup targets of the whole batch are de-duplicated and ensured in one call,
+    /// then the records are written in store batches. Records that other records of the batch refer to are
+    /// written first, so they need no placeholder. One failure never hides the others: the report has one result
+    /// per write, in input order.
+    ///
+    /// A write that still fails because a target vanished in between is retried once after re-ensuring it; if it
+    /// fails again, its [`Error::MissingReference`] is returned.
+    pub async fn write_batch(&self, writes: impl IntoIterator<Item = Write>) -> BatchReport {
+        let mut writes: Vec<Write> = writes.into_iter().collect();
+        let span = tracing::info_span!(
+            "write_batch",
+            backend = self.store.backend(),
+            records = writes.len()
+        );
+        async move {
+            for write in &mut writes {
+                if write.record.state == HydrationState::Hydrated {
+                    self.policy.prepare_write(&mut write.record);
+                }
+            }
+            let (order, targets) = plan(&writes);
+            let mut ensured = self.ensure(&targets).await;
+            let mut results: Vec<Option<Result<WriteOutcome>>> = vec![None; writes.len()];
+            let ready = self.skip_unensured(&writes, order, &ensured, &mut results);
+            let retry = self.write_in_chunks(&writes, &ready, &mut results).await;
+            if !retry.is_empty() {
+                self.retry_once(&writes, retry, &mut ensured, &mut results)
+                    .await;
+            }
+            let results: Vec<Result<WriteOutcome>> = results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(self.internal("a write was never attempted"))))
+                .collect();
+            for (write, result) in writes.iter().zip(&results) {
+                if let Ok(outcome) = result
+                    && outcome.became_hydrated()
+                {
+                    self.hooks.notify(outcome.id, &write.record);
+                }
+            }
+            let report = BatchReport { results, ensured };
+            let counts = report.counts();
+            tracing::info!(
+                created = counts.created,
+                updated = counts.updated,
+                unchanged = counts.unchanged,
+                failed = counts.failed,
+                placeholders = counts.placeholders,
+                "batch written"
+            );
+            report
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Drops from `order` the writes whose lookup targets could not be ensured, recording why.
+    fn skip_unensured(
+        &self,
+        writes: &[Write],
+        order: Vec<usize>,
+        ensured: &EnsureReport,
+        results: &mut [Option<Result<WriteOutcome>>],
+    ) -> Vec<usize> {
+        let failed: HashMap<&EntityRef, &Error> = ensured.failures().collect();
+        if failed.is_empty() {
+            return order;
+        }
+        order
+            .into_iter()
+            .filter(|&i| {
+                let record = &writes[i].record;
+                let Some((field, target, err)) = record
+                    .lookups
+                    .iter()
+                    .find_map(|(f, t)| failed.get(t).map(|e| (f, t, *e)))
+                else {
+                    return true;
+                };
+                results[i] = Some(Err(Error::ReferenceNotEnsured {
+                    reference: Box::new(record.reference.clone()),
+                    field: field.clone(),
+                    target: Box::new(target.clone()),
+                    source: Box::new(err.clone()),
+                }));
+                false
+            })
+            .collect()
+    }
+
+    /// Writes `indices` in order, in store batches. Returns the writes worth one more try (a target vanished, or
+    /// an alternate key is held by a placeholder under another id) and records every other result.
+    async fn write_in_chunks(
+        &self,
+        writes: &[Write],
+        indices: &[usize],
+        results: &mut [Option<Result<WriteOutcome>>],
+    ) -> Vec<usize> {
+        let mut retry = Vec::new();
+        let contiguous = indices.iter().enumerate().all(|(pos, &i)| pos == i);
+        for chunk in indices.chunks(self.batch_size.get()) {
+            // Reordered batches are gathered into a new vector; the common in-order case borrows the input.
+            let gathered: Vec<Write>;
+            let batch: &[Write] = if contiguous {
+                &writes[chunk[0]..=chunk[chunk.len() - 1]]
+            } else {
+                gathered = chunk.iter().map(|&i| writes[i].clone()).collect();
+                &gathered
+            };
+            for (&i, result) in chunk.iter().zip(self.store.write_batch(batch).await) {
+                if matches!(
+                    result,
+                    Err(Error::MissingReference { .. } | Error::DuplicateKey { .. })
+                ) {
+                    retry.push(i);
+                }
+                results[i] = Some(result);
+            }
+        }
+        retry
+    }
+
+    /// The second and last attempt for writes that failed on a missing target or a placeholder-held key.
+    async fn retry_once(
+        &self,
+        writes: &[Write],
+        retry: Vec<usize>,
+        ensured: &mut EnsureReport,
+        results: &mut [Option<Result<WriteOutcome>>],
+    ) {
+        let mut vanished = Vec::new();
+        let mut again = Vec::new();
+        for i in retry {
+            match &results[i] {
+                Some(Err(Error::MissingReference { target, .. })) => {
+                    vanished.push((**target).clone());
+                    again.push((i, writes[i].clone()));
+                }
+                Some(Err(Error::DuplicateKey { existing, key, .. })) => {
+                    if let Some(redirected) =
+                        self.redirect_to_placeholder(&writes[i], *existing).await
+                    {
+                        tracing::info!(
+                            write = %writes[i].record.reference,
+                            placeholder = %existing,
+                            key = %key,
+                            "hydrating the placeholder that holds this alternate key"
+                        );
+                        again.push((i, redirected));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !vanished.is_empty() {
+            tracing::warn!(
+                targets = vanished.len(),
+                "lookup targets vanished before the write; ensuring them again"
+            );
+            ensured.extend(self.ensure(&vanished).await);
+        }
+        if again.is_empty() {
+            return;
+        }
+        let batch: Vec<Write> = again.iter().map(|(_, w)| w.clone()).collect();
+        for ((i, _), result) in again.iter().zip(self.store.write_batch(&batch).await) {
+            results[*i] = Some(result);
+        }
+    }
+
+    /// A full write addressed to a record that does not exist, whose alternate key is held by a placeholder
+    /// created under another address (say the LOB referenced the account by alternate key, and the sync now
+    /// writes it by GUID): returns the write re-addressed to that placeholder, so the placeholder is hydrated
+    /// instead of the write failing. Real (hydrated) records are never taken over.
+    async fn redirect_to_placeholder(&self, write: &Write, holder: uuid::Uuid) -> Option<Write> {
+        if write.precondition != Precondition::None
+            || write.record.state != HydrationState::Hydrated
+        {
+            return None;
+        }
+        if !matches!(self.store.read(&write.record.reference).await, Ok(None)) {
+            return None;
+        }
+        let holder_ref = EntityRef {
+            table: write.record.table().clone(),
+            key: Key::Id(holder),
+        };
+        let existing = self.store.read(&holder_ref).await.ok().flatten()?;
+        if self.policy.state(&existing.record) != HydrationState::Placeholder {
+            return None;
+        }
+        let mut record = write.record.clone();
+        record.reference = holder_ref;
+        // Only if it is still the same placeholder: a concurrent hydration wins and this write reports the race.
+        Some(Write::if_version(record, existing.version))
+    }
+
+    fn internal(&self, message: &str) -> Error {
+        Error::Backend {
+            backend: self.store.backend().to_owned(),
+            message: message.into(),
+            retryable: false,
+            source: None,
+        }
+    }
+}
+
+/// Decides the write order and which lookup targets need ensuring.
+///
+/// A write that another write of the batch refers to goes first, so the target needs no placeholder; writes to
+/// the same record keep their relative order. Only targets not written earlier in the batch are ensured (in a
+/// reference cycle, the back edge gets a placeholder that the later write hydrates).
+fn plan(writes: &[Write]) -> (Vec<usize>, Vec<EntityRef>) {
+    let mut by_address: HashMap<&EntityRef, Vec<usize>> = HashMap::new();
+    for (i, write) in writes.iter().enumerate() {
+        by_address
+            .entry(&write.record.reference)
+            .or_default()
+            .push(i);
+    }
+    let internal = writes.iter().any(|w| {
+        w.record
+            .lookups
+            .values()
+            .any(|t| by_address.contains_key(t) && *t != w.record.reference)
+    });
+    let order: Vec<usize> = if internal {
+        topological_order(writes, &by_address)
+    } else {
+        (0..writes.len()).collect()
+    };
+
+    let mut written: HashSet<&EntityRef> = HashSet::with_capacity(writes.len());
+    let mut targets = Vec::new();
+    for &i in &order {
+        let record = &writes[i].record;
+        targets.extend(
+            record
+                .lookups
+                .values()
+                .filter(|t| !written.contains(t))
+                .cloned(),
+        );
+        written.insert(&record.reference);
+    }
+    (order, targets)
+}
+
+/// Kahn's algorithm, taking the lowest ready index first so the input order is kept wherever it can be.
+fn topological_order(writes: &[Write], by_address: &HashMap<&EntityRef, Vec<usize>>) -> Vec<usize> {
+    let n = writes.len();
+    let mut successors: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut indegree = vec![0usize; n];
+    let mut edge = |from: usize, to: usize, successors: &mut Vec<Vec<usize>>| {
+        successors[from].push(to);
+        indegree[to] += 1;
+    };
+    for same_record in by_address.values() {
+        for pair in same_record.windows(2) {
+            edge(pair[0], pair[1], &mut successors);
+        }
+    }
+    for (i, write) in writes.iter().enumerate() {
+        for target in write.record.lookups.values() {
+            if let Some(&first) = by_address.get(target).and_then(|js| js.first())
+                && first != i
+            {
+                edge(first, i, &mut successors);
+            }
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> =
+        (0..n).filter(|&i| indegree[i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    let mut placed = vec![false; n];
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        placed[i] = true;
+        for &j in &successors[i] {
+            indegree[j] -= 1;
+            if indegree[j] == 0 {
+                ready.push(Reverse(j));
+            }
+        }
+    }
+    // Cycles: the rest keep input order; their back references are ensured as placeholders.
+    order.extend((0..n).filter(|&i| !placed[i]));
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(key: &str, lookups: &[&str]) -> Write {
+        let mut b = Record::builder(EntityRef::by_key("t", [("k", key)]).unwrap());
+        for (n, l) in lookups.iter().enumerate() {
+            b = b.lookup(
+                format!("l{n}"),
+                EntityRef::by_key("t", [("k", *l)]).unwrap(),
+            );
+        }
+        Write::upsert(b.build().unwrap())
+    }
+
+    fn keys(targets: &[EntityRef]) -> Vec<String> {
+        targets.iter().map(|t| t.to_string()).collect()
+    }
+
+    #[test]
+    fn targets_written_in_the_batch_go_first_and_need_no_placeholder() {
+        let writes = vec![w("c", &["b"]), w("b", &["a"]), w("a", &["x"])];
+        let (order, targets) = plan(&writes);
+        assert_eq!(order, vec![2, 1, 0]);
+        assert_eq!(keys(&targets), vec!["t(k='x')"]);
+    }
+
+    #[test]
+    fn writes_to_one_record_keep_their_order() {
+        let writes = vec![w("a", &["b"]), w("a", &[]), w("b", &[])];
+        let (order, _) = plan(&writes);
+        assert_eq!(order, vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn cycles_fall_back_to_placeholders() {
+        let writes = vec![w("a", &["b"]), w("b", &["a"])];
+        let (order, targets) = plan(&writes);
+        assert_eq!(order, vec![0, 1]);
+        assert_eq!(keys(&targets), vec!["t(k='b')"]);
+    }
+
+    #[test]
+    fn no_internal_references_keeps_input_order() {
+        let writes = vec![w("a", &["x"]), w("b", &["x"]), w("c", &["a"])];
+        let (order, targets) = plan(&writes);
+        assert_eq!(order, vec![0, 1, 2]);
+        assert_eq!(keys(&targets), vec!["t(k='x')", "t(k='x')"]);
+    }
+}
