@@ -261,9 +261,14 @@ pub async fn ensure_creates_missing_and_leaves_existing_untouched(store: &Arc<dy
 
     let placeholder = must_read(store, &missing).await;
     assert_eq!(placeholder.record.state, HydrationState::Placeholder);
+    let number = match &missing.key {
+        crate::Key::Alternate(key) => key.get("accountnumber").map(KeyValue::to_json),
+        crate::Key::Id(_) => None,
+    };
     assert_eq!(
         placeholder.record.field("accountnumber"),
-        missing.key_value_json("accountnumber").as_ref()
+        number.as_ref(),
+        "a placeholder holds its key"
     );
     assert!(
         placeholder.record.field("telephone1").is_none(),
@@ -276,7 +281,9 @@ pub async fn ensure_creates_missing_and_leaves_existing_untouched(store: &Arc<dy
         "a placeholder for a GUID reference gets that GUID"
     );
 
-    let again = store.ensure_exists(&[missing.clone()], &policy).await;
+    let again = store
+        .ensure_exists(std::slice::from_ref(&missing), &policy)
+        .await;
     assert_eq!(
         again.existed().count(),
         1,
@@ -665,7 +672,8 @@ pub async fn placeholder_never_downgrades_hydrated(store: &Arc<dyn RecordStore>)
 pub async fn bad_input_is_a_typed_error(store: &Arc<dyn RecordStore>) {
     let number = fresh("bad");
     let r = account(&number);
-    let cases: Vec<(&str, Write, fn(&Error) -> bool)> = vec![
+    type Case = (&'static str, Write, fn(&Error) -> bool);
+    let cases: Vec<Case> = vec![
         (
             "undeclared alternate key",
             Write::upsert(Record::new(
@@ -750,13 +758,4 @@ pub async fn bad_input_is_a_typed_error(store: &Arc<dyn RecordStore>) {
         matches!(read, Err(Error::InvalidKey { .. })),
         "reads validate keys too: {read:?}"
     );
-}
-
-impl EntityRef {
-    fn key_value_json(&self, column: &str) -> Option<serde_json::Value> {
-        match &self.key {
-            crate::Key::Alternate(key) => key.get(column).map(KeyValue::to_json),
-            crate::Key::Id(_) => None,
-        }
-    }
 }

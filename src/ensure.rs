@@ -46,7 +46,13 @@ impl<S: RecordStore + ?Sized> EnsureExists for S {
                 Err(err) => results.push(Some(Err(err))),
             }
         }
-        let mut created = self.ensure_placeholders(placeholders).await.into_iter();
+        // No store call when there is nothing to ensure: for an HTTP store that would be a wasted request.
+        let created = if placeholders.is_empty() {
+            Vec::new()
+        } else {
+            self.ensure_placeholders(placeholders).await
+        };
+        let mut created = created.into_iter();
         let items: Vec<EnsureItem> = unique
             .into_iter()
             .zip(results)

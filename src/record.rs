@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::key::{EntityRef, KeyValue};
+use crate::key::EntityRef;
 use crate::name::{ColumnName, IntoName, TableName};
 
 /// Field values by column. JSON values, because that is what Dataverse and most systems of record speak;
@@ -161,13 +161,4 @@ pub struct StoredRecord {
     pub version: Version,
     /// The content.
     pub record: Record,
-}
-
-impl StoredRecord {
-    /// The value of an alternate key column, typed.
-    pub fn key_value(&self, column: &str, kind: crate::key::KeyKind) -> Option<KeyValue> {
-        self.record
-            .field(column)
-            .and_then(|v| KeyValue::from_json(kind, v))
-    }
 }

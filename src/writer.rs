@@ -429,10 +429,11 @@ fn topological_order(writes: &[Write], by_address: &HashMap<&EntityRef, Vec<usiz
     }
     for (i, write) in writes.iter().enumerate() {
         for target in write.record.lookups.values() {
-            if let Some(&first) = by_address.get(target).and_then(|js| js.first())
-                && first != i
+            // After the last write to the target (writes to one record are chained), so the referrer sees it whole.
+            if let Some(&last) = by_address.get(target).and_then(|js| js.last())
+                && last != i
             {
-                edge(first, i, &mut successors);
+                edge(last, i, &mut successors);
             }
         }
     }
@@ -484,9 +485,9 @@ mod tests {
 
     #[test]
     fn writes_to_one_record_keep_their_order() {
-        let writes = vec![w("a", &["b"]), w("a", &[]), w("b", &[])];
+        let writes = vec![w("a", &["b"]), w("a", &[]), w("b", &[]), w("c", &["a"])];
         let (order, _) = plan(&writes);
-        assert_eq!(order, vec![2, 0, 1]);
+        assert_eq!(order, vec![2, 0, 1, 3], "c waits for both writes to a");
     }
 
     #[test]
