@@ -103,3 +103,8 @@ pub use name::{ColumnName, IntoName, TableName};
 pub use record::{Fields, HydrationState, Lookups, Record, RecordBuilder, StoredRecord, Version};
 pub use store::{Change, Ensured, Precondition, RecordStore, Write, WriteOutcome};
 pub use writer::{BatchCounts, BatchReport, DEFAULT_BATCH_SIZE, EnsuringWriter, Written};
+
+// Compiles the README's code samples as doctests, so the tour cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -215,3 +215,27 @@ macro_rules! forward_record_store {
 
 // Wrappers forward every method, so a store's faster overrides survive being put behind a pointer.
 forward_record_store!(Arc<S>, Box<S>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ensure::EnsureExists;
+
+    fn assert_store<S: RecordStore + EnsureExists + 'static>() {}
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn trait_objects_and_pointers_are_stores() {
+        assert_store::<Arc<dyn RecordStore>>();
+        assert_store::<Box<dyn RecordStore>>();
+        assert_store::<Arc<Box<dyn RecordStore>>>();
+    }
+
+    #[allow(dead_code)]
+    fn ensure_futures_are_send(store: Arc<dyn RecordStore>, policy: &crate::Policies) {
+        // Compile-time only: callers spawn these futures on multi-threaded runtimes.
+        assert_send(&store.ensure_exists(&[], policy));
+        let reference = EntityRef::by_id("t", Uuid::from_u128(1)).unwrap();
+        assert_send(&store.read(&reference));
+    }
+}
