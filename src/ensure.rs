@@ -106,6 +106,14 @@ impl EnsureReport {
             .map(|i| &i.reference)
     }
 
+    /// The placeholders created: reference and new id.
+    pub fn placeholders(&self) -> impl Iterator<Item = (&EntityRef, uuid::Uuid)> {
+        self.items.iter().filter_map(|i| match i.result {
+            Ok(Ensured::Created { id }) => Some((&i.reference, id)),
+            _ => None,
+        })
+    }
+
     /// References that already existed.
     pub fn existed(&self) -> impl Iterator<Item = &EntityRef> {
         self.items

@@ -17,6 +17,7 @@ use crate::hydration::{HydrationPolicy, PlaceholderAction};
 use crate::key::EntityRef;
 use crate::name::{ColumnName, TableName};
 use crate::record::{HydrationState, Record};
+use crate::store::WriteOutcome;
 
 /// Whether guarded business logic may run now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +134,15 @@ pub struct HydratedRecord<'a> {
     pub id: Uuid,
     /// The write that hydrated it (only the fields that write carried).
     pub record: &'a Record,
+    /// `Some(Placeholder)` when a placeholder was hydrated, `None` when the record was created hydrated.
+    pub previous_state: Option<HydrationState>,
+}
+
+impl HydratedRecord<'_> {
+    /// True when this hydrated a placeholder (rather than creating the record with real data).
+    pub fn was_placeholder(&self) -> bool {
+        self.previous_state == Some(HydrationState::Placeholder)
+    }
 }
 
 type Hook = Arc<dyn Fn(&HydratedRecord<'_>) + Send + Sync>;
@@ -213,7 +223,8 @@ impl HydrationHooks {
 
     /// Runs the hooks for a record that just became hydrated. Called by the writer; call it yourself only for
     /// writes made around it.
-    pub fn notify(&self, id: Uuid, record: &Record) {
+    pub fn notify(&self, outcome: &WriteOutcome, record: &Record) {
+        let id = outcome.id;
         let (hooks, tasks) = {
             let mut inner = self.lock();
             let hooks = inner
@@ -228,7 +239,11 @@ impl HydrationHooks {
             (hooks, tasks)
         };
         // Run outside the lock so a hook may register more hooks.
-        let event = HydratedRecord { id, record };
+        let event = HydratedRecord {
+            id,
+            record,
+            previous_state: outcome.previous_state,
+        };
         for hook in hooks {
             hook(&event);
         }
@@ -338,12 +353,20 @@ mod tests {
         let r = ran.clone();
         hooks.defer(&account, id, move |h| {
             assert_eq!(h.id, id);
+            assert!(h.was_placeholder());
             r.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(hooks.pending(), 1);
         let record = placeholder(&policy());
-        hooks.notify(id, &record);
-        hooks.notify(id, &record);
+        let outcome = WriteOutcome {
+            id,
+            version: crate::Version(2),
+            change: crate::Change::Updated,
+            previous_state: Some(HydrationState::Placeholder),
+            state: HydrationState::Hydrated,
+        };
+        hooks.notify(&outcome, &record);
+        hooks.notify(&outcome, &record);
         assert_eq!(
             seen.load(Ordering::SeqCst),
             2,

@@ -11,7 +11,8 @@ use crate::ensure::{EnsureExists, EnsureReport};
 use crate::error::{Error, Result};
 use crate::guard::{Guarded, HydrationHooks};
 use crate::hydration::{HydrationPolicy, Policies};
-use crate::key::{EntityRef, Key};
+use crate::key::{EntityRef, Key, KeyKind, KeyValue};
+use crate::name::{ColumnName, TableName};
 use crate::record::{HydrationState, Record};
 use crate::store::{Change, Precondition, RecordStore, Write, WriteOutcome};
 
@@ -202,7 +203,7 @@ impl EnsuringWriter {
                 if let Ok(outcome) = result
                     && outcome.became_hydrated()
                 {
-                    self.hooks.notify(outcome.id, &write.record);
+                    self.hooks.notify(outcome, &write.record);
                 }
             }
             let report = BatchReport { results, ensured };
@@ -304,16 +305,19 @@ impl EnsuringWriter {
                     again.push((i, writes[i].clone()));
                 }
                 Some(Err(Error::DuplicateKey { existing, key, .. })) => {
-                    if let Some(redirected) =
-                        self.redirect_to_placeholder(&writes[i], *existing).await
-                    {
-                        tracing::info!(
-                            write = %writes[i].record.reference,
-                            placeholder = %existing,
-                            key = %key,
-                            "hydrating the placeholder that holds this alternate key"
-                        );
-                        again.push((i, redirected));
+                    match self.redirect_to_placeholder(&writes[i], *existing).await {
+                        Ok(Some(redirected)) => {
+                            tracing::info!(
+                                write = %writes[i].record.reference,
+                                placeholder = %existing,
+                                key = %key,
+                                "hydrating the placeholder that holds this alternate key"
+                            );
+                            again.push((i, redirected));
+                        }
+                        Ok(None) => {}
+                        // Could not tell (the store failed): report that, retryable if it is, not the conflict.
+                        Err(err) => results[i] = Some(Err(err)),
                     }
                 }
                 _ => {}
@@ -339,27 +343,33 @@ impl EnsuringWriter {
     /// created under another address (say the LOB referenced the account by alternate key, and the sync now
     /// writes it by GUID): returns the write re-addressed to that placeholder, so the placeholder is hydrated
     /// instead of the write failing. Real (hydrated) records are never taken over.
-    async fn redirect_to_placeholder(&self, write: &Write, holder: uuid::Uuid) -> Option<Write> {
+    async fn redirect_to_placeholder(
+        &self,
+        write: &Write,
+        holder: uuid::Uuid,
+    ) -> Result<Option<Write>> {
         if write.precondition != Precondition::None
             || write.record.state != HydrationState::Hydrated
         {
-            return None;
+            return Ok(None);
         }
-        if !matches!(self.store.read(&write.record.reference).await, Ok(None)) {
-            return None;
+        if self.store.read(&write.record.reference).await?.is_some() {
+            return Ok(None);
         }
         let holder_ref = EntityRef {
             table: write.record.table().clone(),
             key: Key::Id(holder),
         };
-        let existing = self.store.read(&holder_ref).await.ok().flatten()?;
+        let Some(existing) = self.store.read(&holder_ref).await? else {
+            return Ok(None);
+        };
         if self.policy.state(&existing.record) != HydrationState::Placeholder {
-            return None;
+            return Ok(None);
         }
         let mut record = write.record.clone();
         record.reference = holder_ref;
         // Only if it is still the same placeholder: a concurrent hydration wins and this write reports the race.
-        Some(Write::if_version(record, existing.version))
+        Ok(Some(Write::if_version(record, existing.version)))
     }
 
     fn internal(&self, message: &str) -> Error {
@@ -375,21 +385,27 @@ impl EnsuringWriter {
 /// Decides the write order and which lookup targets need ensuring.
 ///
 /// A write that another write of the batch refers to goes first, so the target needs no placeholder; writes to
-/// the same record keep their relative order. Only targets not written earlier in the batch are ensured (in a
-/// reference cycle, the back edge gets a placeholder that the later write hydrates).
+/// the same record keep their relative order. A write answers to its own address and to the alternate keys its
+/// fields carry (see [`key_aliases`]). Only targets not written earlier in the batch are ensured (in a reference
+/// cycle, the back edge gets a placeholder that the later write hydrates).
 fn plan(writes: &[Write]) -> (Vec<usize>, Vec<EntityRef>) {
+    let aliases = key_aliases(writes);
+    let identities = |i: usize| {
+        std::iter::once(&writes[i].record.reference).chain(aliases.get(i).into_iter().flatten())
+    };
+    // Indices are pushed in increasing order, so each list is in input order.
     let mut by_address: HashMap<&EntityRef, Vec<usize>> = HashMap::new();
-    for (i, write) in writes.iter().enumerate() {
-        by_address
-            .entry(&write.record.reference)
-            .or_default()
-            .push(i);
+    for i in 0..writes.len() {
+        for address in identities(i) {
+            by_address.entry(address).or_default().push(i);
+        }
     }
-    let internal = writes.iter().any(|w| {
-        w.record
-            .lookups
-            .values()
-            .any(|t| by_address.contains_key(t) && *t != w.record.reference)
+    let internal = writes.iter().enumerate().any(|(i, w)| {
+        w.record.lookups.values().any(|t| {
+            by_address
+                .get(t)
+                .is_some_and(|js| js.iter().any(|&j| j != i))
+        })
     });
     let order: Vec<usize> = if internal {
         topological_order(writes, &by_address)
@@ -400,17 +416,66 @@ fn plan(writes: &[Write]) -> (Vec<usize>, Vec<EntityRef>) {
     let mut written: HashSet<&EntityRef> = HashSet::with_capacity(writes.len());
     let mut targets = Vec::new();
     for &i in &order {
-        let record = &writes[i].record;
         targets.extend(
-            record
+            writes[i]
+                .record
                 .lookups
                 .values()
                 .filter(|t| !written.contains(t))
                 .cloned(),
         );
-        written.insert(&record.reference);
+        written.extend(identities(i));
     }
     (order, targets)
+}
+
+/// For each write, the other addresses it answers to: for every alternate key that a lookup in this batch uses on
+/// the write's table, the key values the write carries (in its fields or its own address). So a write of an
+/// account by GUID that sets `accountnumber` is recognised as the target of `account(accountnumber='…')`.
+fn key_aliases(writes: &[Write]) -> Vec<Vec<EntityRef>> {
+    let mut shapes: HashMap<&TableName, HashSet<Vec<(&ColumnName, KeyKind)>>> = HashMap::new();
+    for target in writes.iter().flat_map(|w| w.record.lookups.values()) {
+        if let Key::Alternate(key) = &target.key {
+            shapes
+                .entry(&target.table)
+                .or_default()
+                .insert(key.parts().map(|(c, v)| (c, v.kind())).collect());
+        }
+    }
+    if shapes.is_empty() {
+        return Vec::new();
+    }
+    let alias = |record: &Record, shape: &[(&ColumnName, KeyKind)]| -> Option<EntityRef> {
+        let own_key = match &record.reference.key {
+            Key::Alternate(key) => Some(key),
+            Key::Id(_) => None,
+        };
+        let parts: Option<Vec<(ColumnName, KeyValue)>> = shape
+            .iter()
+            .map(|(column, kind)| {
+                let value = own_key
+                    .and_then(|k| k.get(column.as_str()).cloned())
+                    .or_else(|| {
+                        record
+                            .field(column.as_str())
+                            .and_then(|v| KeyValue::from_json(*kind, v))
+                    })?;
+                Some(((*column).clone(), value))
+            })
+            .collect();
+        let alias = EntityRef::by_key(record.table(), parts?).ok()?;
+        (alias != record.reference).then_some(alias)
+    };
+    writes
+        .iter()
+        .map(|w| match shapes.get(w.record.table()) {
+            Some(table_shapes) => table_shapes
+                .iter()
+                .filter_map(|shape| alias(&w.record, shape))
+                .collect(),
+            None => Vec::new(),
+        })
+        .collect()
 }
 
 /// Kahn's algorithm, taking the lowest ready index first so the input order is kept wherever it can be.
@@ -488,6 +553,20 @@ mod tests {
         let writes = vec![w("a", &["b"]), w("a", &[]), w("b", &[]), w("c", &["a"])];
         let (order, _) = plan(&writes);
         assert_eq!(order, vec![2, 0, 1, 3], "c waits for both writes to a");
+    }
+
+    #[test]
+    fn a_write_by_guid_answers_to_the_alternate_key_its_fields_carry() {
+        let by_guid = Write::upsert(
+            Record::builder(EntityRef::by_id("t", uuid::Uuid::from_u128(7)).unwrap())
+                .field("k", "a")
+                .build()
+                .unwrap(),
+        );
+        let writes = vec![w("c", &["a"]), by_guid];
+        let (order, targets) = plan(&writes);
+        assert_eq!(order, vec![1, 0]);
+        assert!(targets.is_empty(), "{targets:?}");
     }
 
     #[test]

@@ -317,3 +317,35 @@ async fn a_store_that_loses_results_gets_an_error_not_a_panic() {
         "a lost write result is an error: {err:?}"
     );
 }
+
+#[tokio::test]
+async fn a_transient_failure_while_checking_a_key_conflict_stays_retryable() {
+    let mut store = mock_store();
+    store.expect_write_batch().times(1).returning(|writes| {
+        vec![Err(Error::DuplicateKey {
+            table: "account".try_into().unwrap(),
+            key: match &account(3).key {
+                eventual_upsert::Key::Alternate(key) => key.clone(),
+                eventual_upsert::Key::Id(_) => unreachable!(),
+            },
+            existing: Uuid::from_u128(writes.len() as u128),
+        })]
+    });
+    store.expect_read().times(1).returning(|_| {
+        Err(Error::Unavailable {
+            backend: "mock".into(),
+            reason: "blip".into(),
+            retry_after: None,
+        })
+    });
+    let by_guid = Record::builder(EntityRef::by_id("account", Uuid::new_v4()).unwrap())
+        .field("accountnumber", "A-3")
+        .field("name", "Fabrikam")
+        .build()
+        .unwrap();
+    let err = writer(store).write(by_guid).await.unwrap_err();
+    assert!(
+        err.is_retryable(),
+        "the write must stay retryable, not become a permanent conflict: {err:?}"
+    );
+}

@@ -144,6 +144,7 @@ async fn records_created_hydrated_fire_the_hook_too() {
     let counter = hydrations.clone();
     writer.hooks().on_hydrated(&table("account"), move |h| {
         assert_eq!(h.record.field("name"), Some(&json!("Fabrikam")));
+        assert!(!h.was_placeholder(), "created hydrated");
         counter.fetch_add(1, Ordering::SeqCst);
     });
     writer.write(full_account(account("A-2"))).await.unwrap();
@@ -232,6 +233,30 @@ async fn targets_written_in_the_same_batch_need_no_placeholder() {
     assert_eq!(report.counts().placeholders, 0);
     let stored = store.read(&account("A-5")).await.unwrap().unwrap();
     assert_eq!(stored.record.state, HydrationState::Hydrated);
+}
+
+#[tokio::test]
+async fn a_batch_write_by_guid_counts_as_the_target_of_a_lookup_by_its_key() {
+    let (store, writer) = setup();
+    let by_guid = Record::builder(EntityRef::by_id("account", Uuid::new_v4()).unwrap())
+        .field("accountnumber", "A-10")
+        .field("name", "Fabrikam")
+        .field("telephone1", "+1 555")
+        .build()
+        .unwrap();
+    let report = writer
+        .write_batch([
+            Write::upsert(contact(account("A-10"))),
+            Write::upsert(by_guid),
+        ])
+        .await;
+    assert!(report.is_success(), "{:?}", report.results);
+    assert_eq!(
+        report.counts().placeholders,
+        0,
+        "the account is written first, by GUID"
+    );
+    assert_eq!(store.records(&table("account")).unwrap().len(), 1);
 }
 
 #[tokio::test]
