@@ -157,12 +157,7 @@ impl EnsuringWriter {
         match results.into_iter().next() {
             Some(Ok(outcome)) => Ok(Written { outcome, ensured }),
             Some(Err(err)) => Err(err),
-            None => Err(Error::Backend {
-                backend: self.store.backend().to_owned(),
-                message: "a batch of one write returned no result".into(),
-                retryable: false,
-                source: None,
-            }),
+            None => Err(self.internal("a batch of one write returned no result")),
         }
     }
 

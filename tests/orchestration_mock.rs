@@ -168,8 +168,8 @@ async fn a_target_that_cannot_be_ensured_blocks_only_its_referrers() {
     assert!(report.results[1].is_ok());
 }
 
-#[tokio::test]
-async fn a_vanished_target_is_ensured_again_once_then_reported() {
+/// A store where the target exists at ensure time but is gone when the write lands; the retry gets `second`.
+fn store_where_the_target_vanishes(second: fn(&[Write]) -> Vec<Result<WriteOutcome>>) -> MockStore {
     let mut store = mock_store();
     let mut seq = Sequence::new();
     store
@@ -198,7 +198,13 @@ async fn a_vanished_target_is_ensured_again_once_then_reported() {
         .expect_write_batch()
         .times(1)
         .in_sequence(&mut seq)
-        .returning(|writes| vec![Err(missing_reference(&writes[0]))]);
+        .returning(second);
+    store
+}
+
+#[tokio::test]
+async fn a_vanished_target_is_ensured_again_once_then_reported() {
+    let store = store_where_the_target_vanishes(|writes| vec![Err(missing_reference(&writes[0]))]);
     let err = writer(store).write(contact_of(1)).await.unwrap_err();
     assert!(
         matches!(&err, Error::MissingReference { target, .. } if **target == account(1)),
@@ -208,28 +214,7 @@ async fn a_vanished_target_is_ensured_again_once_then_reported() {
 
 #[tokio::test]
 async fn a_retry_that_succeeds_reports_success() {
-    let mut store = mock_store();
-    let mut seq = Sequence::new();
-    store
-        .expect_ensure_placeholders()
-        .times(1)
-        .in_sequence(&mut seq)
-        .returning(|_| vec![Ok(Ensured::Existed)]);
-    store
-        .expect_write_batch()
-        .times(1)
-        .in_sequence(&mut seq)
-        .returning(|writes| vec![Err(missing_reference(&writes[0]))]);
-    store
-        .expect_ensure_placeholders()
-        .times(1)
-        .in_sequence(&mut seq)
-        .returning(|_| vec![Ok(Ensured::Created { id: Uuid::new_v4() })]);
-    store
-        .expect_write_batch()
-        .times(1)
-        .in_sequence(&mut seq)
-        .returning(|_| vec![Ok(created())]);
+    let store = store_where_the_target_vanishes(|_| vec![Ok(created())]);
     let written = writer(store).write(contact_of(1)).await.unwrap();
     assert_eq!(
         written.ensured.created().count(),
