@@ -29,7 +29,7 @@ struct State {
 }
 
 /// Switches for making a store misbehave. Every store call (a read, a write, a whole batch) passes through
-/// [`FaultInjector::check`] once. Time-based outages use Tokio's clock, so tests can pause and advance it instead
+/// the injector once. Time-based outages use Tokio's clock, so tests can pause and advance it instead
 /// of sleeping.
 #[derive(Debug, Default)]
 pub struct FaultInjector {

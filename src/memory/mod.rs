@@ -1,4 +1,4 @@
-//! [`MemoryStore`]: a thread-safe in-memory [`RecordStore`](crate::RecordStore) that enforces the whole contract
+//! [`MemoryStore`]: a thread-safe in-memory [`RecordStore`] that enforces the whole contract
 //! (declared keys, unique alternate keys, lookup validation, conditional writes, versions), with fault injection.
 
 mod faults;
