@@ -384,41 +384,44 @@ impl EnsuringWriter {
 /// fields carry (see [`key_aliases`]). Only targets not written earlier in the batch are ensured (in a reference
 /// cycle, the back edge gets a placeholder that the later write hydrates).
 fn plan(writes: &[Write]) -> (Vec<usize>, Vec<EntityRef>) {
-    let aliases = key_aliases(writes);
+    // Distinct targets in first-seen order: a batch of 10,000 contacts usually points at far fewer accounts.
+    let mut distinct: HashSet<&EntityRef> = HashSet::new();
+    let targets: Vec<&EntityRef> = writes
+        .iter()
+        .flat_map(|w| w.record.lookups.values())
+        .filter(|t| distinct.insert(*t))
+        .collect();
+    let aliases = key_aliases(writes, &distinct);
     let identities = |i: usize| {
         std::iter::once(&writes[i].record.reference).chain(aliases.get(i).into_iter().flatten())
     };
+    let internal =
+        (0..writes.len()).any(|i| identities(i).any(|address| distinct.contains(address)));
+    if !internal {
+        // The common case: nothing in the batch is a target of anything else in it.
+        return (
+            (0..writes.len()).collect(),
+            targets.into_iter().cloned().collect(),
+        );
+    }
+
     // Indices are pushed in increasing order, so each list is in input order.
-    let mut by_address: HashMap<&EntityRef, Vec<usize>> = HashMap::new();
+    let mut by_address: HashMap<&EntityRef, Vec<usize>> = HashMap::with_capacity(writes.len());
     for i in 0..writes.len() {
         for address in identities(i) {
             by_address.entry(address).or_default().push(i);
         }
     }
-    let internal = writes.iter().enumerate().any(|(i, w)| {
-        w.record.lookups.values().any(|t| {
-            by_address
-                .get(t)
-                .is_some_and(|js| js.iter().any(|&j| j != i))
-        })
-    });
-    let order: Vec<usize> = if internal {
-        topological_order(writes, &by_address)
-    } else {
-        (0..writes.len()).collect()
-    };
-
+    let order = topological_order(writes, &by_address);
     let mut written: HashSet<&EntityRef> = HashSet::with_capacity(writes.len());
+    let mut queued: HashSet<&EntityRef> = HashSet::new();
     let mut targets = Vec::new();
     for &i in &order {
-        targets.extend(
-            writes[i]
-                .record
-                .lookups
-                .values()
-                .filter(|t| !written.contains(t))
-                .cloned(),
-        );
+        for target in writes[i].record.lookups.values() {
+            if !written.contains(target) && queued.insert(target) {
+                targets.push(target.clone());
+            }
+        }
         written.extend(identities(i));
     }
     (order, targets)
@@ -427,9 +430,9 @@ fn plan(writes: &[Write]) -> (Vec<usize>, Vec<EntityRef>) {
 /// For each write, the other addresses it answers to: for every alternate key that a lookup in this batch uses on
 /// the write's table, the key values the write carries (in its fields or its own address). So a write of an
 /// account by GUID that sets `accountnumber` is recognised as the target of `account(accountnumber='…')`.
-fn key_aliases(writes: &[Write]) -> Vec<Vec<EntityRef>> {
+fn key_aliases(writes: &[Write], targets: &HashSet<&EntityRef>) -> Vec<Vec<EntityRef>> {
     let mut shapes: HashMap<&TableName, HashSet<Vec<(&ColumnName, KeyKind)>>> = HashMap::new();
-    for target in writes.iter().flat_map(|w| w.record.lookups.values()) {
+    for target in targets {
         if let Key::Alternate(key) = &target.key {
             shapes
                 .entry(&target.table)
@@ -573,10 +576,15 @@ mod tests {
     }
 
     #[test]
-    fn no_internal_references_keeps_input_order() {
+    fn input_order_is_kept_where_it_already_works_and_targets_are_distinct() {
         let writes = vec![w("a", &["x"]), w("b", &["x"]), w("c", &["a"])];
         let (order, targets) = plan(&writes);
         assert_eq!(order, vec![0, 1, 2]);
-        assert_eq!(keys(&targets), vec!["t(k='x')", "t(k='x')"]);
+        assert_eq!(keys(&targets), vec!["t(k='x')"]);
+        let (order, targets) = plan(&writes[..2]);
+        assert_eq!(
+            (order, keys(&targets)),
+            (vec![0, 1], vec!["t(k='x')".to_owned()])
+        );
     }
 }
