@@ -1,1 +1,685 @@
-fn main() {}
+//! # Contoso: a line-of-business app that keeps working while the US → EU sync is down
+//!
+//! Contoso's US Dataverse instance is replicated to a Europe (EU) instance by a sync job. A line-of-business (LOB)
+//! app writes to EU records that *reference* US accounts (contacts by the account's GUID, orders by its account
+//! number). While the sync is down or behind, EU answers "record does not exist" and the LOB request fails.
+//!
+//! The story is played twice, in one process, with the same seeded data. Run 1: plain writes. Run 2:
+//! ensure-then-write: the LOB app and the sync write through an `EnsuringWriter`, which first makes every
+//! referenced record exist (a *placeholder* holding only its key); the sync's full writes later *hydrate* the
+//! placeholders, and invoices that need a placeholder's phone number are deferred by a guard and sent from a
+//! hydration hook. Each run has four phases: initial load, outage (the sync stops; US keeps changing and the LOB
+//! app keeps writing to EU), sync resumes (while EU throttles its first calls), verify.
+//!
+//! `cargo run --example contoso` exits with status 1 if run 2 loses a LOB request or does not converge, or if
+//! run 1 loses none (then the scenario did not exercise missing references at all).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use eventual_upsert::memory::{Fault, MemoryStore};
+use eventual_upsert::schema::{ColumnType, Schema, TableSchema};
+use eventual_upsert::{
+    EnsuringWriter, EntityRef, Error, Guarded, HydratedRecord, Key, KeyKind, PlaceholderAction,
+    Policies, Proceed, Record, RecordStore, Result, TableName, TablePolicy, Write,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+const SEED: u64 = 0xC0_7050; // change it to play the story with other data
+const INITIAL_ACCOUNTS: usize = 120;
+const INITIAL_CONTACTS: usize = 240;
+const OUTAGE_ACCOUNTS: usize = 80;
+const OUTAGE_CONTACTS: usize = 160;
+const LOB_CONTACTS: usize = 150;
+const LOB_ORDERS: usize = 100;
+
+const SYNC_CHUNK: usize = 64; // changes the sync writes per batch
+const MAX_ATTEMPTS: u32 = 6; // tries per write before a transient error counts as a failure
+const BASE_BACKOFF: Duration = Duration::from_millis(10); // if the store does not say; doubled per try
+const THROTTLED_CALLS: u32 = 3; // EU throttles the resumed sync's first calls,
+const RETRY_AFTER: Duration = Duration::from_millis(20); // asking for this wait
+
+const ACCOUNT: &str = "account";
+const ACCOUNT_NUMBER: &str = "accountnumber";
+const PHONE: &str = "telephone1";
+const PARENT: &str = "parentcustomerid"; // contact → account
+const CUSTOMER: &str = "customerid"; // order → account
+const SEND_INVOICE: &str = "send_invoice"; // the guarded operation: invoice an order to its customer's phone
+const PAD: &str = "                   "; // indents report lines under the phase names
+
+/// The same three tables on both instances. Declaring columns makes a table strict: a misspelt field is an error.
+fn contoso_schema() -> Result<Schema> {
+    Schema::new([
+        TableSchema::builder(ACCOUNT)
+            .primary_name("name")
+            .alternate_key([(ACCOUNT_NUMBER, KeyKind::String)])
+            .column(PHONE, ColumnType::String)
+            .column("address1_country", ColumnType::String)
+            .column("revenue", ColumnType::Decimal)
+            .build()?,
+        TableSchema::builder("contact")
+            .primary_name("fullname")
+            .lookup(PARENT, ACCOUNT)
+            .column("emailaddress1", ColumnType::String)
+            .column("jobtitle", ColumnType::String)
+            .build()?,
+        TableSchema::builder("salesorder")
+            .primary_name("name")
+            .alternate_key([("ordernumber", KeyKind::String)])
+            .lookup(CUSTOMER, ACCOUNT)
+            .column("totalamount", ColumnType::Decimal)
+            .build()?,
+    ])
+}
+
+/// What an account placeholder holds (its key and a visible label) and what may be done with one: invoicing
+/// needs the real phone number, so it waits for the sync.
+fn contoso_policies() -> Result<Policies> {
+    let account = TablePolicy::builder()
+        .primary_name("name")
+        .label("Pending sync")
+        .on_placeholder(SEND_INVOICE, PlaceholderAction::Defer);
+    Policies::builder().table(ACCOUNT, account).build()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let data = Dataset::generate(SEED)?;
+    let accounts = INITIAL_ACCOUNTS + OUTAGE_ACCOUNTS;
+    let (contacts, requests) = (INITIAL_CONTACTS + OUTAGE_CONTACTS, data.lob.len());
+    println!(
+        "Contoso US → EU: {accounts} US accounts, {contacts} US contacts, {requests} LOB requests (seed {SEED:#x})"
+    );
+    println!("\nRun 1: plain writes");
+    let (lost, plain_ok) = run(false, &data).await?;
+    println!("\nRun 2: ensure-then-write");
+    let (_, ensured_ok) = run(true, &data).await?;
+    if !(plain_ok && ensured_ok) {
+        println!("\nResult: FAILED (see the verdicts above).");
+        std::process::exit(1);
+    }
+    println!(
+        "\nResult: OK: ensure-then-write turned {lost} failed LOB requests into 0, and EU converged with US."
+    );
+    Ok(())
+}
+
+/// Plays the whole story once, on fresh US and EU stores, and prints it. Returns how many LOB requests failed,
+/// and whether the run did what it must: lose LOB requests with plain writes, lose nothing with ensure-then-write.
+async fn run(ensure_then_write: bool, data: &Dataset) -> BoxResult<(usize, bool)> {
+    let schema = contoso_schema()?;
+    let (queue, inbox) = mpsc::unbounded_channel();
+    let store = Arc::new(MemoryStore::new(schema.clone()).named("us"));
+    let us = Us { store, queue };
+    let eu_store = Arc::new(MemoryStore::new(schema).named("eu"));
+    let policies = Arc::new(contoso_policies()?);
+    let eu = match ensure_then_write {
+        false => Eu::Plain(eu_store.clone()),
+        true => Eu::Ensuring(
+            EnsuringWriter::new(eu_store.clone()).with_policy(Policies::clone(&policies)),
+        ),
+    };
+    let mut lob = LobApp::new(&eu, policies)?;
+    let stats = SyncStats::default();
+    let worker = SyncWorker {
+        inbox,
+        us: us.store.clone(),
+        eu: eu.clone(),
+        stats,
+    };
+
+    // 1. Initial load: everything US holds reaches EU.
+    let sync = tokio::spawn(worker.run());
+    let (initial, outage) = data.us.split_at(INITIAL_ACCOUNTS + INITIAL_CONTACTS);
+    us.save(initial).await?;
+    let load = us.flush().await?;
+    let synced = load.replicated;
+    println!("  1 initial load   {synced} changes replicated to EU");
+
+    // 2. Outage: the sync stops. US keeps changing (the changes queue up) and the LOB app keeps writing to EU.
+    let worker = us.stop(sync).await?;
+    us.save(outage).await?;
+    let queued = outage.len();
+    println!("  2 outage         sync stopped: {queued} US changes queued, not replicated");
+    lob.submit_all(&eu, &data.lob).await;
+    let (failed, accepted) = (lob.failed.values().sum(), lob.accepted.len());
+    let total = failed + accepted;
+    println!("{PAD}LOB app: {total} requests, {accepted} succeeded, {failed} failed");
+    for (reason, n) in &lob.failed {
+        println!("{PAD}! {n} × {reason}");
+    }
+    let (by_guid, by_number, deferred) = (lob.by_guid, lob.by_number, lob.deferred);
+    if ensure_then_write {
+        let (placeholders, now) = (by_guid + by_number, lob.invoiced_now);
+        println!(
+            "{PAD}placeholders created: {placeholders} accounts ({by_guid} by GUID, {by_number} by account number)"
+        );
+        println!(
+            "{PAD}invoices: {now} sent now, {deferred} deferred (customer still a placeholder)"
+        );
+    }
+
+    // 3. The sync resumes and drains its queue, while EU throttles its first calls.
+    let (faults, retry_after) = (eu_store.faults(), RETRY_AFTER);
+    faults.fail_next(THROTTLED_CALLS, Fault::Throttled { retry_after });
+    let sync = tokio::spawn(worker.run());
+    let resume = us.flush().await?;
+    us.stop(sync).await?;
+    let (replicated, retried, rounds) = (resume.replicated, resume.retried, resume.rounds);
+    let errors = [load.errors, resume.errors].concat();
+    let (error_count, s) = (errors.len(), if rounds == 1 { "" } else { "s" });
+    println!(
+        "  3 sync resumes   {replicated} changes replicated; {retried} writes re-sent after throttling ({rounds} round{s}); {error_count} permanent errors"
+    );
+    for error in errors.iter().take(2) {
+        println!("{PAD}! {error}");
+    }
+    let (hydrated, sent) = (lob.hydrated.load(Relaxed), lob.invoiced_later.load(Relaxed));
+    let pending = match &eu {
+        Eu::Ensuring(writer) => writer.hooks().pending(),
+        Eu::Plain(_) => 0,
+    };
+    if ensure_then_write {
+        println!(
+            "{PAD}{hydrated} placeholders hydrated (on_hydrated hook); {sent} deferred invoices sent, {pending} pending"
+        );
+    }
+
+    // 4. Verify (reading EU as it is, without injected faults), then judge the run.
+    faults.restore();
+    let differences = verify(&us.store, &eu_store, &lob.accepted).await?;
+    let placeholders = by_guid + by_number;
+    let checks = [
+        (failed == 0, "LOB requests failed"),
+        (errors.is_empty(), "the sync hit permanent errors"),
+        (replicated == queued, "queued changes were lost"),
+        (differences == 0, "EU differs from what it should hold"),
+        (hydrated == placeholders, "placeholders not hydrated"),
+        (sent == deferred && pending == 0, "invoices not sent"),
+    ];
+    // Run 1 is only reported, but it must lose LOB requests: else the outage exercised nothing.
+    let problems: Vec<&str> = match ensure_then_write {
+        true => checks.iter().filter(|c| !c.0).map(|c| c.1).collect(),
+        false if failed == 0 => vec!["no LOB request failed: no missing reference was hit"],
+        false => vec![],
+    };
+    let verdict = if !problems.is_empty() {
+        format!("FAILED: {}", problems.join("; "))
+    } else if ensure_then_write {
+        "OK: every LOB request succeeded, every placeholder was hydrated, EU equals US".into()
+    } else {
+        format!("{failed} of {total} LOB requests FAILED while the sync was behind")
+    };
+    println!("  verdict          {verdict}");
+    Ok((failed, problems.is_empty()))
+}
+
+// --- Seeded data -----------------------------------------------------------------------------------------------
+/// splitmix64, a tiny seeded generator. Writing it here keeps the example free of a `rand` dependency, and the
+/// fixed seed makes every run generate the same records (GUIDs included) and print the same report.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (the modulo bias is irrelevant at these sizes).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    fn pick(&mut self, items: &[&'static str]) -> &'static str {
+        items[self.below(items.len())]
+    }
+
+    fn guid(&mut self) -> Uuid {
+        Uuid::from_u128((u128::from(self.next_u64()) << 64) | u128::from(self.next_u64()))
+    }
+}
+
+const COMPANIES: [&str; 4] = ["Fabrikam", "Northwind", "Tailspin", "Woodgrove"];
+const SUFFIXES: [&str; 5] = ["GmbH", "SARL", "BV", "AB", "Ltd"];
+const COUNTRIES: [&str; 5] = ["Germany", "France", "Sweden", "Ireland", "Spain"];
+const FIRST_NAMES: [&str; 6] = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald"];
+const LAST_NAMES: [&str; 5] = ["Lovelace", "Hopper", "Turing", "Liskov", "Knuth"];
+const JOB_TITLES: [&str; 5] = ["Buyer", "CFO", "Engineer", "Office manager", "Sales lead"];
+
+/// A record the LOB app writes to EU, and the number of the account its lookup must resolve to.
+#[derive(Clone, Debug)]
+struct LobRequest {
+    record: Record,
+    account: String,
+}
+
+/// Everything both runs write, generated once so that both runs see identical data.
+struct Dataset {
+    /// US records in creation order: the initial accounts, their contacts, then the accounts and contacts created
+    /// during the outage.
+    us: Vec<Record>,
+    /// LOB writes during the outage: contacts (parent by GUID), then orders (customer by account number).
+    lob: Vec<LobRequest>,
+}
+
+impl Dataset {
+    fn generate(seed: u64) -> Result<Self> {
+        let mut rng = SplitMix64(seed);
+        let mut accounts = Vec::new();
+        for i in 0..INITIAL_ACCOUNTS + OUTAGE_ACCOUNTS {
+            accounts.push(account(&mut rng, i)?);
+        }
+        let mut contacts = Vec::new();
+        for i in 0..INITIAL_CONTACTS + OUTAGE_CONTACTS {
+            let parent = match i < INITIAL_CONTACTS {
+                true => rng.below(INITIAL_ACCOUNTS),
+                false => INITIAL_ACCOUNTS + rng.below(OUTAGE_ACCOUNTS), // outage contacts, outage accounts
+            };
+            contacts.push(contact(&mut rng, "us", i, &accounts[parent])?);
+        }
+        // A missing account must be referenced one way only (see "Address a record one way" in the README), so
+        // the LOB app references even-indexed accounts by GUID and odd-indexed ones by account number. Both sets
+        // mix accounts synced before the outage with accounts created during it.
+        let (pairs, mut lob) = (accounts.len() / 2, Vec::new());
+        for i in 0..LOB_CONTACTS {
+            let parent = 2 * rng.below(pairs);
+            let record = contact(&mut rng, "lob", i, &accounts[parent])?;
+            let account = account_number(parent);
+            lob.push(LobRequest { record, account });
+        }
+        for i in 0..LOB_ORDERS {
+            let customer = 2 * rng.below(pairs) + 1;
+            let (number, account) = (format!("SO-{:05}", 20_001 + i), account_number(customer));
+            let order = EntityRef::by_key("salesorder", [("ordernumber", number.as_str())])?;
+            let record = Record::builder(order)
+                .field("name", format!("Order {number}"))
+                .field("totalamount", rng.below(500_000) as f64 / 100.0)
+                .lookup(CUSTOMER, account_by_number(&account)?)
+                .build()?;
+            lob.push(LobRequest { record, account });
+        }
+        let late_accounts = accounts.split_off(INITIAL_ACCOUNTS);
+        let late_contacts = contacts.split_off(INITIAL_CONTACTS);
+        let us = [accounts, contacts, late_accounts, late_contacts].concat();
+        Ok(Self { us, lob })
+    }
+}
+
+/// The `i`-th account as US stores it: addressed by its GUID, the account number is a field.
+fn account(rng: &mut SplitMix64, i: usize) -> Result<Record> {
+    let id = EntityRef::by_id(ACCOUNT, rng.guid())?;
+    let name = format!("{} {} {i:03}", rng.pick(&COMPANIES), rng.pick(&SUFFIXES));
+    Record::builder(id)
+        .field("name", name)
+        .field(ACCOUNT_NUMBER, account_number(i))
+        .field(PHONE, format!("+1 555 {:04}", rng.below(10_000)))
+        .field("address1_country", rng.pick(&COUNTRIES))
+        .field("revenue", (rng.below(9_000) + 100) as f64 * 1_000.0)
+        .build()
+}
+
+/// A contact whose parent account is referenced by GUID.
+fn contact(rng: &mut SplitMix64, source: &str, i: usize, parent: &Record) -> Result<Record> {
+    let (first, last) = (rng.pick(&FIRST_NAMES), rng.pick(&LAST_NAMES));
+    let email = format!("{first}.{last}.{source}{i}@example.com").to_lowercase();
+    Record::builder(EntityRef::by_id("contact", rng.guid())?)
+        .field("fullname", format!("{first} {last}"))
+        .field("emailaddress1", email)
+        .field("jobtitle", rng.pick(&JOB_TITLES))
+        .lookup(PARENT, parent.reference.clone())
+        .build()
+}
+
+fn account_number(i: usize) -> String {
+    format!("ACC-{:05}", 10_001 + i)
+}
+
+fn account_by_number(number: &str) -> Result<EntityRef> {
+    EntityRef::by_key(ACCOUNT, [(ACCOUNT_NUMBER, number)])
+}
+
+/// The number an account record holds.
+fn number(account: &Record) -> Option<&str> {
+    account.field(ACCOUNT_NUMBER)?.as_str()
+}
+
+fn not_found(reference: &EntityRef) -> Error {
+    let reference = Box::new(reference.clone());
+    Error::NotFound { reference }
+}
+
+/// The number of the account that `record`'s `lookup` points at in `store` (`None` if it points nowhere).
+async fn parent_of(store: &MemoryStore, record: &Record, lookup: &str) -> Result<Option<String>> {
+    let Some(target) = record.lookups.get(lookup) else {
+        return Ok(None);
+    };
+    let account = store.read(target).await?;
+    Ok(account.and_then(|a| number(&a.record).map(str::to_owned)))
+}
+
+// --- The US instance and the sync job --------------------------------------------------------------------------
+/// What the sync queue carries. Control messages travel with the changes, so each is handled after every change
+/// sent before it.
+#[derive(Debug)]
+enum SyncMessage {
+    /// A record US has written.
+    Change(Record),
+    /// Answered, with what the sync did since the last flush, once every earlier change has been applied.
+    Flush(oneshot::Sender<SyncStats>),
+    /// Stop consuming: the outage. Later changes wait in the queue until the worker is started again.
+    Stop,
+}
+
+/// The US instance: a store whose every write is published to the sync queue.
+struct Us {
+    store: Arc<MemoryStore>,
+    queue: mpsc::UnboundedSender<SyncMessage>,
+}
+
+impl Us {
+    async fn save(&self, records: &[Record]) -> BoxResult<()> {
+        for record in records {
+            self.store.write(&Write::upsert(record.clone())).await?;
+            self.queue.send(SyncMessage::Change(record.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the sync has applied every change queued so far (no sleeping, no polling), and returns what it
+    /// did since the last flush.
+    async fn flush(&self) -> BoxResult<SyncStats> {
+        let (done, flushed) = oneshot::channel();
+        self.queue.send(SyncMessage::Flush(done))?;
+        Ok(flushed.await?)
+    }
+
+    /// Stops the sync (changes keep queueing) and returns the worker, to be started again later.
+    async fn stop(&self, sync: JoinHandle<SyncWorker>) -> BoxResult<SyncWorker> {
+        self.queue.send(SyncMessage::Stop)?;
+        Ok(sync.await?)
+    }
+}
+
+/// How EU is written to in a run, by the sync and the LOB app alike.
+#[derive(Clone, Debug)]
+enum Eu {
+    /// Straight to the store: a write whose lookup target is missing fails.
+    Plain(Arc<MemoryStore>),
+    /// Missing lookup targets get a placeholder first. One writer for the sync and the LOB app, because hooks are
+    /// in-process: the invoices the LOB app defers must be registered where the sync's hydrating writes go.
+    Ensuring(EnsuringWriter),
+}
+
+#[derive(Debug, Default)]
+struct SyncStats {
+    replicated: usize,
+    retried: usize,      // writes sent again after a transient failure,
+    rounds: usize,       // in this many rounds
+    errors: Vec<String>, // permanent failures: reported, never retried
+}
+
+/// The US → EU replication job: consumes US changes and writes them to EU under the same GUIDs.
+struct SyncWorker {
+    inbox: mpsc::UnboundedReceiver<SyncMessage>,
+    us: Arc<MemoryStore>,
+    eu: Eu,
+    stats: SyncStats,
+}
+
+impl SyncWorker {
+    /// Consumes the queue until told to stop, then hands itself (and the queue) back.
+    async fn run(mut self) -> Self {
+        let mut chunk = Vec::new();
+        while let Some(message) = self.inbox.recv().await {
+            let control = match message {
+                SyncMessage::Change(change) => {
+                    chunk.push(change);
+                    None
+                }
+                control => Some(control),
+            };
+            // Write the chunk when it is full, when nothing else is queued for now, or before a control message.
+            if chunk.len() == SYNC_CHUNK || self.inbox.is_empty() || control.is_some() {
+                self.replicate(std::mem::take(&mut chunk)).await;
+            }
+            match control {
+                // The flusher may have given up waiting; nothing to do then.
+                Some(SyncMessage::Flush(done)) => _ = done.send(std::mem::take(&mut self.stats)),
+                Some(SyncMessage::Stop) => break,
+                _ => {}
+            }
+        }
+        self
+    }
+
+    /// Writes a chunk to EU in one batch, accounts and contacts together: the ensuring writer sees that a
+    /// contact's `account(accountnumber='…')` is an account the batch writes by GUID, and writes that one first.
+    /// Writes that fail transiently are sent again after the wait the store asked for (or a doubling backoff).
+    async fn replicate(&mut self, records: Vec<Record>) {
+        let mut writes = Vec::new();
+        for record in records {
+            match self.eu_write(record).await {
+                Ok(write) => writes.push(write),
+                Err(err) => self.stats.errors.push(err.to_string()),
+            }
+        }
+        let mut attempt = 0;
+        while !writes.is_empty() {
+            let results = match &self.eu {
+                Eu::Ensuring(writer) => writer.write_batch(writes.clone()).await.results,
+                Eu::Plain(store) => {
+                    let mut results = Vec::new();
+                    for write in &writes {
+                        results.push(store.write(write).await);
+                    }
+                    results
+                }
+            };
+            let (mut retry, mut wait) = (Vec::new(), Duration::ZERO);
+            for (write, result) in writes.into_iter().zip(results) {
+                match result {
+                    Ok(_) => self.stats.replicated += 1,
+                    Err(err) if err.is_retryable() && attempt + 1 < MAX_ATTEMPTS => {
+                        let backoff = BASE_BACKOFF * 2u32.pow(attempt);
+                        wait = wait.max(err.retry_after().unwrap_or(backoff));
+                        retry.push(write);
+                    }
+                    Err(err) => self.stats.errors.push(err.to_string()),
+                }
+            }
+            if !retry.is_empty() {
+                self.stats.retried += retry.len();
+                self.stats.rounds += 1;
+                tokio::time::sleep(wait).await;
+            }
+            (attempt, writes) = (attempt + 1, retry);
+        }
+    }
+
+    /// The EU write replicating a US record: the same GUID and fields, and the parent lookup addressed by account
+    /// number. Why: an account the LOB app referenced by number during the outage got a placeholder under an EU
+    /// GUID of its own, which the sync hydrates, so the account keeps that EU GUID; its number is the same on both
+    /// instances.
+    async fn eu_write(&self, mut record: Record) -> Result<Write> {
+        if let Some(parent) = record.lookups.get_mut(PARENT) {
+            let account = self.us.read(parent).await?;
+            let number = account.as_ref().and_then(|a| number(&a.record));
+            *parent = account_by_number(number.ok_or_else(|| not_found(parent))?)?;
+        }
+        Ok(Write::upsert(record))
+    }
+}
+
+// --- The line-of-business app ----------------------------------------------------------------------------------
+/// The LOB app: writes to EU records that reference US accounts, invoices orders, and counts what happens.
+#[derive(Debug, Default)]
+struct LobApp {
+    policies: Arc<Policies>,
+    accepted: Vec<LobRequest>,
+    failed: BTreeMap<&'static str, usize>, // failed requests by reason
+    by_guid: usize,                        // placeholders created for a reference by GUID,
+    by_number: usize,                      // and by account number
+    invoiced_now: usize,
+    deferred: usize,
+    hydrated: Arc<AtomicUsize>, // placeholders the sync hydrated, counted by a hook
+    invoiced_later: Arc<AtomicUsize>, // deferred invoices sent, counted by the deferred tasks
+}
+
+impl LobApp {
+    fn new(eu: &Eu, policies: Arc<Policies>) -> Result<Self> {
+        let app = Self {
+            policies,
+            ..Self::default()
+        };
+        if let Eu::Ensuring(writer) = eu {
+            // "On create" logic belongs in this hook: it runs when an account first holds real data (created by
+            // the sync, or a placeholder the sync hydrated). Here it counts the hydrated placeholders.
+            let hydrated = app.hydrated.clone();
+            let count = move |account: &HydratedRecord<'_>| {
+                if account.was_placeholder() {
+                    hydrated.fetch_add(1, Relaxed);
+                }
+            };
+            writer.hooks().on_hydrated(&TableName::new(ACCOUNT)?, count);
+        }
+        Ok(app)
+    }
+
+    async fn submit_all(&mut self, eu: &Eu, requests: &[LobRequest]) {
+        for request in requests {
+            let record = request.record.clone();
+            let result = match eu {
+                // One upsert, which EU refuses while the referenced account has not been synced.
+                Eu::Plain(store) => store.write(&Write::upsert(record)).await.map(drop),
+                Eu::Ensuring(writer) => self.ensure_then_write(writer, record).await,
+            };
+            match result {
+                Ok(()) => self.accepted.push(request.clone()),
+                Err(err) => *self.failed.entry(failure_reason(&err)).or_default() += 1,
+            }
+        }
+    }
+
+    /// Ensures the referenced account exists (a placeholder if it is missing), writes, and invoices orders.
+    async fn ensure_then_write(&mut self, writer: &EnsuringWriter, record: Record) -> Result<()> {
+        let written = writer.write(record.clone()).await?;
+        for (reference, _id) in written.ensured.placeholders() {
+            match reference.key {
+                Key::Id(_) => self.by_guid += 1,
+                Key::Alternate(_) => self.by_number += 1,
+            }
+        }
+        match record.lookups.get(CUSTOMER) {
+            Some(customer) => self.send_invoice(writer, customer).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Business logic that needs the customer's real data: invoice the order to the account's phone. The guard
+    /// decides: a hydrated account is invoiced now; for a placeholder (no phone yet) the account policy says to
+    /// defer, so the invoice is sent when the sync hydrates the account.
+    async fn send_invoice(&mut self, writer: &EnsuringWriter, customer: &EntityRef) -> Result<()> {
+        let account = writer.store().read(customer).await?;
+        let account = account.ok_or_else(|| not_found(customer))?;
+        let guard = writer.guard(&account.record);
+        match guard.check(SEND_INVOICE)? {
+            Proceed::Now => {
+                guard.require::<String>(PHONE)?;
+                self.invoiced_now += 1;
+            }
+            Proceed::Deferred => {
+                self.deferred += 1;
+                let (sent, policies) = (self.invoiced_later.clone(), self.policies.clone());
+                let send = move |hydrated: &HydratedRecord<'_>| {
+                    // The hydrating write carries the real phone number: the same guard now lets it through.
+                    let guard = Guarded::new(hydrated.record, &*policies);
+                    if guard.require::<String>(PHONE).is_ok() {
+                        sent.fetch_add(1, Relaxed);
+                    }
+                };
+                let hooks = writer.hooks();
+                hooks.defer(account.record.table(), account.id, send);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A short name for why a LOB request failed.
+fn failure_reason(err: &Error) -> &'static str {
+    match err {
+        Error::MissingReference { .. } => "MissingReference (\"record does not exist\")",
+        err if err.is_retryable() => "transient",
+        _ => "other",
+    }
+}
+
+// --- Verification ----------------------------------------------------------------------------------------------
+/// Checks that EU holds (a) no placeholder, (b) every US record with the same data, (c) every LOB write that
+/// succeeded, intact. Prints what it checked and the first differences; returns how many it found.
+async fn verify(us: &MemoryStore, eu: &MemoryStore, accepted: &[LobRequest]) -> BoxResult<usize> {
+    let mut found = Vec::new();
+    let mut left = 0;
+    for table in [ACCOUNT, "contact", "salesorder"] {
+        let records = eu.records(&TableName::new(table)?)?;
+        left += records.iter().filter(|r| r.record.is_placeholder()).count();
+    }
+    if left > 0 {
+        found.push(format!("{left} placeholders are left in EU"));
+    }
+    // Each record EU must hold, with the number of the account its lookup (if any) must point at. Accounts are
+    // found by number: those the LOB app referenced that way kept the EU GUID of their placeholder.
+    let mut expected = Vec::new();
+    for account in us.records(&TableName::new(ACCOUNT)?)? {
+        let mut record = account.record;
+        let number = number(&record).ok_or("a US account has no number")?;
+        record.reference = account_by_number(number)?;
+        expected.push((record, None));
+    }
+    for contact in us.records(&TableName::new("contact")?)? {
+        let parent = parent_of(us, &contact.record, PARENT).await?;
+        expected.push((contact.record, parent));
+    }
+    let us_checked = expected.len();
+    for request in accepted {
+        expected.push((request.record.clone(), Some(request.account.clone())));
+    }
+    for (record, parent) in &expected {
+        let address = &record.reference;
+        let Some(actual) = eu.read(address).await? else {
+            found.push(format!("{address} is missing in EU"));
+            continue;
+        };
+        for (field, want) in &record.fields {
+            let got = actual.record.fields.get(field);
+            if got != Some(want) {
+                found.push(format!("{address}: {field} is {got:?}, expected {want}"));
+            }
+        }
+        for lookup in record.lookups.keys() {
+            let got = parent_of(eu, &actual.record, lookup.as_str()).await?;
+            if got != *parent {
+                found.push(format!(
+                    "{address}: {lookup} is {got:?}, expected {parent:?}"
+                ));
+            }
+        }
+    }
+    let (lob_checked, differences) = (accepted.len(), found.len());
+    println!(
+        "  4 verify         {left} placeholders left; {us_checked} US records and {lob_checked} accepted LOB writes checked: {differences} differences"
+    );
+    for difference in found.iter().take(3) {
+        println!("{PAD}! {difference}");
+    }
+    Ok(differences)
+}
