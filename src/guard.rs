@@ -216,6 +216,12 @@ impl HydrationHooks {
             .push(Box::new(task));
     }
 
+    /// True when nothing is registered, so writers can skip notifying.
+    pub fn is_empty(&self) -> bool {
+        let inner = self.lock();
+        inner.per_table.is_empty() && inner.deferred.is_empty()
+    }
+
     /// How many deferred tasks are waiting.
     pub fn pending(&self) -> usize {
         self.lock().deferred.values().map(Vec::len).sum()
