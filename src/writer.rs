@@ -131,9 +131,9 @@ impl EnsuringWriter {
         &self.store
     }
 
-    /// The policy.
-    pub fn policy(&self) -> &dyn HydrationPolicy {
-        &*self.policy
+    /// The policy, shared: clone the `Arc` to use it from a deferred task or a hook.
+    pub fn policy(&self) -> &Arc<dyn HydrationPolicy> {
+        &self.policy
     }
 
     /// The hook registry: register "on hydrated" logic and deferred tasks here.
