@@ -4,14 +4,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+mod common;
+
 use proptest::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
 use eventual_upsert::memory::MemoryStore;
-use eventual_upsert::schema::{Schema, TableSchema};
 use eventual_upsert::{
-    EnsuringWriter, EntityRef, HydrationState, KeyKind, Policies, Record, RecordStore, TableName,
+    EnsuringWriter, EntityRef, HydrationState, Policies, Record, RecordStore, TableName,
     TablePolicy, Write,
 };
 
@@ -72,19 +73,7 @@ struct Model {
 }
 
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let schema = Schema::new([
-        TableSchema::builder("account")
-            .primary_name("name")
-            .alternate_key([("accountnumber", KeyKind::String)])
-            .build()
-            .unwrap(),
-        TableSchema::builder("contact")
-            .primary_name("fullname")
-            .lookup("parentcustomerid", "account")
-            .build()
-            .unwrap(),
-    ])
-    .unwrap();
+    let schema = common::accounts_and_contacts();
     let store = Arc::new(MemoryStore::new(schema));
     let policy = Policies::builder()
         .table("account", TablePolicy::builder().primary_name("name"))

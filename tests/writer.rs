@@ -7,31 +7,16 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
+mod common;
+
 use eventual_upsert::memory::{Fault, MemoryStore};
-use eventual_upsert::schema::{Schema, TableSchema};
 use eventual_upsert::{
-    Change, EnsuringWriter, EntityRef, Error, HydrationState, KeyKind, PlaceholderAction, Policies,
-    Proceed, Record, RecordStore, TableName, TablePolicy, Write,
+    Change, EnsuringWriter, EntityRef, Error, HydrationState, PlaceholderAction, Policies, Proceed,
+    Record, RecordStore, TableName, TablePolicy, Write,
 };
 
-fn schema() -> Schema {
-    Schema::new([
-        TableSchema::builder("account")
-            .primary_name("name")
-            .alternate_key([("accountnumber", KeyKind::String)])
-            .build()
-            .unwrap(),
-        TableSchema::builder("contact")
-            .primary_name("fullname")
-            .lookup("parentcustomerid", "account")
-            .build()
-            .unwrap(),
-    ])
-    .unwrap()
-}
-
 fn setup() -> (Arc<MemoryStore>, EnsuringWriter) {
-    let store = Arc::new(MemoryStore::new(schema()).named("eu"));
+    let store = Arc::new(MemoryStore::new(common::accounts_and_contacts()).named("eu"));
     let policy = Policies::builder()
         .table(
             "account",
