@@ -214,6 +214,27 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
 
+    /// The circuit breaker for this store is open: recent calls failed, so this one was not attempted. Transient.
+    #[error("{backend}: circuit open after repeated failures, not calling it for {} ms", retry_after.as_millis())]
+    CircuitOpen {
+        /// Which store.
+        backend: String,
+        /// When the breaker lets a probe call through.
+        retry_after: Duration,
+    },
+
+    /// A transient failure persisted through every retry the policy allowed. Not retryable any more: the caller
+    /// decides what happens next (for a sync, a dead letter).
+    #[error("gave up after {attempts} attempts in {} ms: {source}", elapsed.as_millis())]
+    RetriesExhausted {
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// Time from the first attempt to giving up.
+        elapsed: Duration,
+        /// The last failure.
+        source: Box<Error>,
+    },
+
     /// The store does not support this operation.
     #[error("{backend} does not support {operation}")]
     Unsupported {
@@ -249,7 +270,7 @@ impl Error {
     /// Validation, not-found and conflict errors are permanent.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unavailable { .. } | Error::Throttled { .. } => true,
+            Error::Unavailable { .. } | Error::Throttled { .. } | Error::CircuitOpen { .. } => true,
             Error::Backend { retryable, .. } => *retryable,
             Error::ReferenceNotEnsured { source, .. } => source.is_retryable(),
             _ => false,
@@ -262,6 +283,7 @@ impl Error {
             Error::Unavailable { retry_after, .. } | Error::Throttled { retry_after, .. } => {
                 *retry_after
             }
+            Error::CircuitOpen { retry_after, .. } => Some(*retry_after),
             Error::ReferenceNotEnsured { source, .. } => source.retry_after(),
             _ => None,
         }

@@ -57,6 +57,8 @@
 //!   may do with a placeholder (allow, reject, defer).
 //! * [`Guarded`]: null-field guards; [`HydrationHooks`]: run "on create" logic when a record is hydrated.
 //! * [`EnsuringWriter`]: the orchestrator, one record or batches.
+//! * [`RetryPolicy`] and [`CircuitBreaker`]: backoff that honours `Retry-After`, and fail-fast for a store that is
+//!   down.
 //!
 //! ## Feature flags
 //!
@@ -74,6 +76,7 @@
 #![deny(missing_docs, rustdoc::broken_intra_doc_links)]
 #![warn(missing_debug_implementations)]
 
+mod breaker;
 mod ensure;
 mod error;
 mod guard;
@@ -81,6 +84,7 @@ mod hydration;
 mod key;
 mod name;
 mod record;
+mod retry;
 pub mod schema;
 mod store;
 mod writer;
@@ -91,6 +95,7 @@ pub mod memory;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use ensure::{EnsureExists, EnsureItem, EnsureReport};
 pub use error::{Error, NameKind, Result};
 pub use guard::{Guarded, HydratedRecord, HydrationHooks, Proceed};
@@ -101,6 +106,7 @@ pub use hydration::{
 pub use key::{AlternateKey, EntityRef, Key, KeyKind, KeyValue};
 pub use name::{ColumnName, IntoName, TableName};
 pub use record::{Fields, HydrationState, Lookups, Record, RecordBuilder, StoredRecord, Version};
+pub use retry::RetryPolicy;
 pub use store::{Change, Ensured, Precondition, RecordStore, Write, WriteOutcome};
 pub use writer::{BatchCounts, BatchReport, DEFAULT_BATCH_SIZE, EnsuringWriter, Written};
 
