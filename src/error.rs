@@ -118,14 +118,14 @@ pub enum Error {
     },
 
     /// Optimistic concurrency: the record changed since the version the write was based on.
-    #[error("{reference} is at version {actual}, the write expected {expected}")]
+    #[error("{reference} is no longer at version {expected}{}", actual.map(|v| format!(" (now at {v})")).unwrap_or_default())]
     VersionMismatch {
         /// The record.
         reference: Box<EntityRef>,
         /// The version the write was conditioned on.
         expected: Version,
-        /// The version found.
-        actual: Version,
+        /// The version found, when the store says (Dataverse does not).
+        actual: Option<Version>,
     },
 
     /// A lookup points at a record that does not exist. This is the failure the ensure-then-write pattern prevents.
@@ -233,6 +233,24 @@ pub enum Error {
         elapsed: Duration,
         /// The last failure.
         source: Box<Error>,
+    },
+
+    /// The store rejected the credentials (HTTP 401). The message never contains the token.
+    #[error("{backend}: not authenticated: {message}")]
+    Unauthorized {
+        /// Which store.
+        backend: String,
+        /// The store's explanation.
+        message: String,
+    },
+
+    /// The identity lacks a privilege for this operation (HTTP 403).
+    #[error("{backend}: not allowed: {message}")]
+    Forbidden {
+        /// Which store.
+        backend: String,
+        /// The store's explanation.
+        message: String,
     },
 
     /// The store does not support this operation.

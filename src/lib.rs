@@ -66,6 +66,7 @@
 //! |---|---|---|
 //! | `memory` | yes | [`memory::MemoryStore`], a faithful in-memory store with fault injection |
 //! | `conformance` | no | [`conformance`], the contract scenarios every adapter must pass |
+//! | `dataverse` | no | [`dataverse`] wire format: OData key encoding and error mapping (the HTTP adapter follows) |
 //!
 //! ## When not to use the pattern
 //!
@@ -94,6 +95,9 @@ pub mod memory;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+
+#[cfg(feature = "dataverse")]
+pub mod dataverse;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use ensure::{EnsureExists, EnsureItem, EnsureReport};

@@ -456,7 +456,7 @@ impl Data {
             return Err(Error::VersionMismatch {
                 reference: Box::new(record.reference.clone()),
                 expected,
-                actual: Version(row.version),
+                actual: Some(Version(row.version)),
             });
         }
         // A hydrated record never becomes a placeholder again.
