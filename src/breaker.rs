@@ -171,6 +171,15 @@ mod tests {
         b.call(|| async { Err::<(), _>(down()) }).await
     }
 
+    /// A breaker opened by three transient failures.
+    async fn opened() -> CircuitBreaker {
+        let b = breaker();
+        for _ in 0..3 {
+            let _ = fail(&b).await;
+        }
+        b
+    }
+
     #[tokio::test(start_paused = true)]
     async fn opens_after_the_threshold_and_fails_fast() {
         let b = breaker();
@@ -197,10 +206,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_successful_probe_closes_it_and_a_failed_one_reopens_it() {
-        let b = breaker();
-        for _ in 0..3 {
-            let _ = fail(&b).await;
-        }
+        let b = opened().await;
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(
             matches!(fail(&b).await, Err(Error::Unavailable { .. })),
@@ -217,10 +223,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn only_one_probe_at_a_time() {
-        let b = breaker();
-        for _ in 0..3 {
-            let _ = fail(&b).await;
-        }
+        let b = opened().await;
         tokio::time::advance(Duration::from_secs(10)).await;
         let (release, wait) = tokio::sync::oneshot::channel::<()>();
         let probe = b.call(|| async move {
@@ -261,10 +264,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn composes_with_the_retry_policy() {
         // While the circuit is open the retry policy waits for the breaker's retry-after, then the probe succeeds.
-        let b = breaker();
-        for _ in 0..3 {
-            let _ = fail(&b).await;
-        }
+        let b = opened().await;
         let started = Instant::now();
         let policy = crate::RetryPolicy {
             jitter: false,

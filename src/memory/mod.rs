@@ -264,16 +264,28 @@ impl Data {
     /// The id of the record `reference` addresses, if it exists. Errors if the address is not valid for the table.
     fn locate(&self, schema: &Schema, reference: &EntityRef) -> Result<Option<Uuid>> {
         let table = schema.table(&reference.table)?;
-        let data = self.tables.get(&reference.table);
-        match &reference.key {
-            Key::Id(id) => Ok(data.filter(|d| d.rows.contains_key(id)).map(|_| *id)),
-            Key::Alternate(key) => {
-                let (index, values) = key_address(table, key)?;
-                Ok(data
-                    .and_then(|d| d.keys.get(index))
-                    .and_then(|k| k.get(&values))
-                    .copied())
+        let address = match &reference.key {
+            Key::Id(_) => None,
+            Key::Alternate(key) => Some(key_address(table, key)?),
+        };
+        Ok(self.find(&reference.table, &reference.key, address.as_ref()))
+    }
+
+    /// Looks up an already validated address (`address` is the alternate key's index and values, see
+    /// [`key_address`]).
+    fn find(
+        &self,
+        table: &TableName,
+        key: &Key,
+        address: Option<&(usize, Vec<KeyValue>)>,
+    ) -> Option<Uuid> {
+        let data = self.tables.get(table)?;
+        match (key, address) {
+            (Key::Id(id), _) => data.rows.contains_key(id).then_some(*id),
+            (Key::Alternate(_), Some((index, values))) => {
+                data.keys.get(*index)?.get(values).copied()
             }
+            (Key::Alternate(_), None) => None,
         }
     }
 
@@ -291,12 +303,10 @@ impl Data {
             reason,
         };
 
+        // Validated once here, reused for the lookup below.
         let address = match &record.reference.key {
             Key::Id(_) => None,
-            Key::Alternate(key) => {
-                key_address(table, key)?;
-                Some(key)
-            }
+            Key::Alternate(key) => Some((key, key_address(table, key)?)),
         };
         for (column, value) in &record.fields {
             if *column == table.primary_id {
@@ -323,7 +333,7 @@ impl Data {
                     format!("expected a {ty:?} value, got {value}"),
                 ));
             }
-            if let Some(key) = address
+            if let Some((key, _)) = &address
                 && let Some(key_value) = key.get(column.as_str())
                 && *value != key_value.to_json()
             {
@@ -360,7 +370,11 @@ impl Data {
             lookups.insert(name.clone(), target_id);
         }
 
-        let existing = self.locate(schema, &record.reference)?;
+        let existing = self.find(
+            &table.name,
+            &record.reference.key,
+            address.as_ref().map(|(_, a)| a),
+        );
         match (existing, precondition) {
             (Some(_), Precondition::CreateOnly) => {
                 return Err(Error::AlreadyExists {
