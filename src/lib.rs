@@ -99,6 +99,9 @@ pub mod conformance;
 #[cfg(feature = "dataverse")]
 pub mod dataverse;
 
+#[cfg(feature = "emulator")]
+pub mod emulator;
+
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use ensure::{EnsureExists, EnsureItem, EnsureReport};
 pub use error::{Error, NameKind, Result};

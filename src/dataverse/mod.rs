@@ -1,9 +1,10 @@
-//! Dataverse Web API wire format (feature `dataverse`): how keys are written in URLs, and what the service's
-//! errors mean. The HTTP adapter (`DataverseStore`) builds on these; they are public so that other clients and
-//! tests can use the same rules.
+//! The Dataverse Web API adapter (feature `dataverse`): [`DataverseStore`] and the wire format it speaks, public
+//! so that other clients and tests can use the same rules.
 //!
 //! Facts and their sources are collected in the project's Dataverse reference; where the service's behaviour is
-//! not documented, the guesses are marked in the code.
+//! not documented, the guesses are marked in the code and can be configured.
 
+pub mod auth;
+pub mod batch;
 pub mod odata;
 pub mod response;

@@ -1,0 +1,1 @@
+//! A local Dataverse Web API emulator (feature `emulator`). STUB: being written.
