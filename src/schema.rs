@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::key::{AlternateKey, KeyKind};
+use crate::key::{AlternateKey, Key, KeyKind, KeyValue};
 use crate::name::{ColumnName, IntoName, TableName};
+use crate::record::Record;
 
 /// The type of a declared column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +109,95 @@ impl TableSchema {
             .iter()
             .enumerate()
             .find(|(_, def)| def.matches(key))
+    }
+
+    /// Which declared key `key` is, and its values in that key's column order; checks the value types.
+    pub fn key_address(&self, key: &AlternateKey) -> Result<(usize, Vec<KeyValue>)> {
+        let Some((index, def)) = self.alternate_key(key) else {
+            let columns: Vec<&str> = key.columns().map(ColumnName::as_str).collect();
+            return Err(Error::InvalidKey {
+                table: self.name.clone(),
+                reason: format!("({}) is not a declared alternate key", columns.join(", ")),
+            });
+        };
+        for ((column, value), (_, kind)) in key.parts().zip(&def.columns) {
+            if value.kind() != *kind {
+                return Err(Error::InvalidKey {
+                    table: self.name.clone(),
+                    reason: format!("key column '{column}' takes a {kind} value, got {value}"),
+                });
+            }
+        }
+        Ok((index, key.parts().map(|(_, v)| v.clone()).collect()))
+    }
+
+    /// Checks a write against the table before any store sees it: a declared key of the right types, known
+    /// columns of the right types, no primary id or lookup among the fields, fields that agree with the key,
+    /// declared lookups to the right tables. Returns the alternate key's address ([`key_address`](Self::key_address))
+    /// when the record is addressed by one.
+    pub fn check_write(&self, record: &Record) -> Result<Option<(usize, Vec<KeyValue>)>> {
+        let invalid = |field: &ColumnName, reason: String| Error::InvalidValue {
+            reference: Box::new(record.reference.clone()),
+            field: field.clone(),
+            reason,
+        };
+        let (key, address) = match &record.reference.key {
+            Key::Id(_) => (None, None),
+            Key::Alternate(key) => (Some(key), Some(self.key_address(key)?)),
+        };
+        for (column, value) in &record.fields {
+            if *column == self.primary_id {
+                return Err(invalid(
+                    column,
+                    "the primary id is set by addressing the record by id".into(),
+                ));
+            }
+            if self.lookups.contains_key(column) {
+                return Err(invalid(
+                    column,
+                    "this is a lookup: set it through the record's lookups".into(),
+                ));
+            }
+            let Some(ty) = self.column_type(column) else {
+                return Err(Error::UnknownColumn {
+                    table: self.name.clone(),
+                    column: column.clone(),
+                });
+            };
+            if !value.is_null() && !ty.accepts(value) {
+                return Err(invalid(
+                    column,
+                    format!("expected a {ty:?} value, got {value}"),
+                ));
+            }
+            if let Some(key) = key
+                && let Some(key_value) = key.get(column.as_str())
+                && *value != key_value.to_json()
+            {
+                return Err(invalid(
+                    column,
+                    format!("contradicts the record's key, which has {key_value}"),
+                ));
+            }
+        }
+        for (name, target) in &record.lookups {
+            let Some(target_table) = self.lookups.get(name) else {
+                return Err(Error::UnknownColumn {
+                    table: self.name.clone(),
+                    column: name.clone(),
+                });
+            };
+            if target.table != *target_table {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "lookup targets table '{target_table}', not '{}'",
+                        target.table
+                    ),
+                ));
+            }
+        }
+        Ok(address)
     }
 
     /// The type of a column a field may set, or `None` if the table does not accept it.

@@ -266,7 +266,7 @@ impl Data {
         let table = schema.table(&reference.table)?;
         let address = match &reference.key {
             Key::Id(_) => None,
-            Key::Alternate(key) => Some(key_address(table, key)?),
+            Key::Alternate(key) => Some(table.key_address(key)?),
         };
         Ok(self.find(&reference.table, &reference.key, address.as_ref()))
     }
@@ -297,69 +297,9 @@ impl Data {
         } = write;
         let precondition = *precondition;
         let table = schema.table(record.table())?;
-        let invalid = |field: &ColumnName, reason: String| Error::InvalidValue {
-            reference: Box::new(record.reference.clone()),
-            field: field.clone(),
-            reason,
-        };
-
-        // Validated once here, reused for the lookup below.
-        let address = match &record.reference.key {
-            Key::Id(_) => None,
-            Key::Alternate(key) => Some((key, key_address(table, key)?)),
-        };
-        for (column, value) in &record.fields {
-            if *column == table.primary_id {
-                return Err(invalid(
-                    column,
-                    "the primary id is set by addressing the record by id".into(),
-                ));
-            }
-            if table.lookups.contains_key(column) {
-                return Err(invalid(
-                    column,
-                    "this is a lookup: set it through the record's lookups".into(),
-                ));
-            }
-            let Some(ty) = table.column_type(column) else {
-                return Err(Error::UnknownColumn {
-                    table: table.name.clone(),
-                    column: column.clone(),
-                });
-            };
-            if !value.is_null() && !ty.accepts(value) {
-                return Err(invalid(
-                    column,
-                    format!("expected a {ty:?} value, got {value}"),
-                ));
-            }
-            if let Some((key, _)) = &address
-                && let Some(key_value) = key.get(column.as_str())
-                && *value != key_value.to_json()
-            {
-                return Err(invalid(
-                    column,
-                    format!("contradicts the record's key, which has {key_value}"),
-                ));
-            }
-        }
+        let address = table.check_write(record)?;
         let mut lookups = BTreeMap::new();
         for (name, target) in &record.lookups {
-            let Some(target_table) = table.lookups.get(name) else {
-                return Err(Error::UnknownColumn {
-                    table: table.name.clone(),
-                    column: name.clone(),
-                });
-            };
-            if target.table != *target_table {
-                return Err(invalid(
-                    name,
-                    format!(
-                        "lookup targets table '{target_table}', not '{}'",
-                        target.table
-                    ),
-                ));
-            }
             let Some(target_id) = self.locate(schema, target)? else {
                 return Err(Error::MissingReference {
                     reference: Box::new(record.reference.clone()),
@@ -370,11 +310,7 @@ impl Data {
             lookups.insert(name.clone(), target_id);
         }
 
-        let existing = self.find(
-            &table.name,
-            &record.reference.key,
-            address.as_ref().map(|(_, a)| a),
-        );
+        let existing = self.find(&table.name, &record.reference.key, address.as_ref());
         match (existing, precondition) {
             (Some(_), Precondition::CreateOnly) => {
                 return Err(Error::AlreadyExists {
@@ -552,24 +488,4 @@ impl Data {
             state,
         })
     }
-}
-
-/// Which declared key `key` is, and its values in that key's column order; checks the value types.
-fn key_address(table: &TableSchema, key: &AlternateKey) -> Result<(usize, Vec<KeyValue>)> {
-    let Some((index, def)) = table.alternate_key(key) else {
-        let columns: Vec<&str> = key.columns().map(ColumnName::as_str).collect();
-        return Err(Error::InvalidKey {
-            table: table.name.clone(),
-            reason: format!("({}) is not a declared alternate key", columns.join(", ")),
-        });
-    };
-    for ((column, value), (_, kind)) in key.parts().zip(&def.columns) {
-        if value.kind() != *kind {
-            return Err(Error::InvalidKey {
-                table: table.name.clone(),
-                reason: format!("key column '{column}' takes a {kind} value, got {value}"),
-            });
-        }
-    }
-    Ok((index, key.parts().map(|(_, v)| v.clone()).collect()))
 }
