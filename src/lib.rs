@@ -78,6 +78,7 @@
 #![warn(missing_debug_implementations)]
 
 mod breaker;
+pub mod correlation;
 mod ensure;
 mod error;
 mod guard;

@@ -103,7 +103,21 @@ impl RetryPolicy {
     /// Runs `operation` until it succeeds, fails with a non-retryable error (returned as is), or the policy gives
     /// up ([`Error::RetriesExhausted`] wrapping the last error). Each retry is logged with the attempt, the error
     /// and the wait, and whether the wait came from the store's `Retry-After`.
-    pub async fn run<T, F, Fut>(&self, mut operation: F) -> Result<T>
+    pub async fn run<T, F, Fut>(&self, operation: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.run_if(Error::is_retryable, operation).await
+    }
+
+    /// Like [`run`](Self::run), but retries only the retryable errors `retry` accepts: an HTTP client uses it to
+    /// resend a request that may already have been applied only when the request is idempotent.
+    pub async fn run_if<T, F, Fut>(
+        &self,
+        retry: impl Fn(&Error) -> bool,
+        mut operation: F,
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -117,7 +131,7 @@ impl RetryPolicy {
         })
         .retry(self.backoff())
         .sleep(tokio::time::sleep)
-        .when(Error::is_retryable)
+        .when(|err| err.is_retryable() && retry(err))
         .adjust(|err, backoff| {
             // `None` from the backoff means the attempts are used up.
             let wait = backoff?.max(err.retry_after().unwrap_or_default());
@@ -134,7 +148,7 @@ impl RetryPolicy {
         })
         .await;
         result.map_err(|err| {
-            if err.is_retryable() {
+            if err.is_retryable() && retry(&err) {
                 Error::RetriesExhausted {
                     attempts: attempts.load(Ordering::Relaxed),
                     elapsed: started.elapsed(),

@@ -42,3 +42,62 @@ pub trait TokenProvider: Send + Sync + fmt::Debug {
         let _ = token;
     }
 }
+
+// TEMPORARY stubs so the store compiles until the real module lands (replaced on merge).
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret::new(s)
+    }
+}
+/// Stub.
+#[derive(Debug)]
+pub struct StaticToken(Secret);
+impl StaticToken {
+    /// Stub.
+    pub fn new(token: impl Into<Secret>) -> Self {
+        StaticToken(token.into())
+    }
+}
+#[async_trait]
+impl TokenProvider for StaticToken {
+    async fn token(&self) -> Result<Secret> {
+        Ok(self.0.clone())
+    }
+}
+/// Stub.
+#[derive(Debug)]
+pub struct ClientCredentials;
+/// Stub.
+#[derive(Debug)]
+pub struct ClientCredentialsBuilder;
+impl ClientCredentials {
+    /// Stub.
+    pub fn builder(
+        _tenant: impl Into<String>,
+        _client_id: impl Into<String>,
+        _secret: impl Into<Secret>,
+        _org: impl Into<String>,
+    ) -> ClientCredentialsBuilder {
+        ClientCredentialsBuilder
+    }
+}
+impl ClientCredentialsBuilder {
+    /// Stub.
+    pub fn authority(self, _a: impl Into<String>) -> Self {
+        self
+    }
+    /// Stub.
+    pub fn http_client(self, _c: reqwest::Client) -> Self {
+        self
+    }
+    /// Stub.
+    pub fn build(self) -> Result<ClientCredentials> {
+        Ok(ClientCredentials)
+    }
+}
+#[async_trait]
+impl TokenProvider for ClientCredentials {
+    async fn token(&self) -> Result<Secret> {
+        todo!()
+    }
+}

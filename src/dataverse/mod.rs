@@ -8,3 +8,12 @@ pub mod auth;
 pub mod batch;
 pub mod odata;
 pub mod response;
+
+mod client;
+mod config;
+mod store;
+mod tables;
+
+pub use client::{CLIENT_REQUEST_HEADER, CORRELATION_HEADER, TransportStats};
+pub use config::{API_PATH, BulkSupport, DataverseConfig, DataverseTable, MAX_PARALLEL_REQUESTS};
+pub use store::{BulkReport, DataverseStore};

@@ -21,6 +21,8 @@ pub mod codes {
     pub const OBJECT_DOES_NOT_EXIST: &str = "0x80040217";
     /// RecordNotFoundByEntityKey: no row has these alternate key values.
     pub const RECORD_NOT_FOUND_BY_ENTITY_KEY: &str = "0x80060891";
+    /// DuplicateRecordEntityKey: another row already holds these alternate key values.
+    pub const DUPLICATE_RECORD_ENTITY_KEY: &str = "0x80060892";
     /// DuplicateRecord: the row already exists (412 on create-only).
     pub const DUPLICATE_RECORD: &str = "0x80040237";
     /// ConcurrencyVersionMismatch: the row version does not match `If-Match`.

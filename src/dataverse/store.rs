@@ -1,0 +1,1251 @@
+//! [`DataverseStore`]: a [`RecordStore`] over the Dataverse Web API.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures_util::{StreamExt, stream};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::breaker::CircuitBreaker;
+use crate::dataverse::batch::{
+    self, BatchRequest, Operation, OperationResponse, Part, ResponsePart,
+};
+use crate::dataverse::client::{Counters, Limiter, Request, Response, Transport, TransportStats};
+use crate::dataverse::config::{API_PATH, BulkSupport, DataverseConfig};
+use crate::dataverse::response::{
+    RequestContext, codes, map_error, parse_error_body, parse_retry_after,
+};
+use crate::dataverse::tables::{Row, TableInfo, etag};
+use crate::error::{Error, Result};
+use crate::key::{EntityRef, Key};
+use crate::name::TableName;
+use crate::record::{HydrationState, Record, StoredRecord};
+use crate::store::{Change, Ensured, Precondition, RecordStore, Write, WriteOutcome};
+
+/// How often a single write re-reads and retries when the row keeps changing under it.
+const MAX_CONTENTION_ROUNDS: usize = 5;
+
+/// A [`RecordStore`] over the Dataverse Web API (`/api/data/v9.2`).
+///
+/// * [`write`](RecordStore::write) is exact: it reads the row's current values and version, then writes with
+///   `If-Match` (or `If-None-Match: *` when the row is missing), so it can report [`Change::Unchanged`] without
+///   writing and tell the hydrating write apart. Two round trips per write (one when nothing changes).
+/// * [`write_batch`](RecordStore::write_batch) and [`ensure_placeholders`](RecordStore::ensure_placeholders) send
+///   `$batch` requests of up to 1,000 independent operations (`Prefer: odata.continue-on-error`), in parallel up
+///   to the service's `x-ms-dop-hint`. A batched write that changes nothing is reported as
+///   [`Change::Updated`] (Dataverse bumps the row version on every update). Hydration is still exact: a write
+///   that lands on a placeholder is followed by a conditional update that clears the state column, and only the
+///   write that clears it reports the transition.
+/// * [`bulk_upsert`](Self::bulk_upsert) uses `UpsertMultiple` for the fastest bulk sync, without per-record
+///   outcomes.
+///
+/// Hydration state lives in a boolean column per table ([`DataverseTable::with_state_column`](super::DataverseTable::with_state_column)).
+/// Every request carries `x-ms-client-request-id` and the operation's correlation id
+/// ([`correlation`](crate::correlation)), is retried on transient failures with the configured
+/// [`RetryPolicy`](crate::RetryPolicy) (requests that may have been applied only if idempotent), and passes a
+/// circuit breaker.
+#[derive(Clone, Debug)]
+pub struct DataverseStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    transport: Transport,
+    tables: BTreeMap<TableName, TableInfo>,
+    batch_size: usize,
+    bulk_chunk: usize,
+    tag: Option<String>,
+    bulk_probe: tokio::sync::Mutex<BTreeMap<TableName, bool>>,
+}
+
+/// What one bulk upsert did: one result per record, in input order.
+#[derive(Debug)]
+pub struct BulkReport {
+    /// `Ok(())` when the record was written.
+    pub results: Vec<Result<()>>,
+    /// HTTP requests sent.
+    pub requests: usize,
+}
+
+impl BulkReport {
+    /// Records written.
+    pub fn written(&self) -> usize {
+        self.results.iter().filter(|r| r.is_ok()).count()
+    }
+
+    /// Failed records with why, by input index.
+    pub fn failures(&self) -> impl Iterator<Item = (usize, &Error)> {
+        self.results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
+    }
+}
+
+impl DataverseConfig {
+    /// Builds the store. Fails with [`Error::InvalidConfig`] naming the first problem (a malformed URL, a
+    /// navigation property for an undeclared lookup, an out-of-range setting, unusable credentials).
+    pub fn build(self) -> Result<DataverseStore> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        self.retry.validate()?;
+        let org = normalize_org_url(&self.org_url)?;
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| host_of(&org).to_owned());
+        let http = match &self.http {
+            Some(client) => client.clone(),
+            None => {
+                let mut builder = reqwest::Client::builder()
+                    .timeout(self.timeout)
+                    .user_agent(concat!("eventual-upsert/", env!("CARGO_PKG_VERSION")));
+                for pem in &self.root_certificates {
+                    let certificate =
+                        reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
+                            Error::InvalidConfig {
+                                reason: format!("root certificate: {e}"),
+                            }
+                        })?;
+                    builder = builder.add_root_certificate(certificate);
+                }
+                builder.build().map_err(|e| Error::InvalidConfig {
+                    reason: format!("HTTP client: {e}"),
+                })?
+            }
+        };
+        let auth = self.token_provider(&http, &org)?;
+        let mut tables = BTreeMap::new();
+        for schema in self.schema.tables() {
+            let info = TableInfo::new(schema.clone(), self.tables.get(&schema.name))?;
+            tables.insert(schema.name.clone(), info);
+        }
+        if let Some(unknown) = self.tables.keys().find(|t| !tables.contains_key(*t)) {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "Dataverse settings for table '{unknown}', which the schema does not declare"
+                ),
+            });
+        }
+        let transport = Transport {
+            http,
+            root: format!("{org}{API_PATH}"),
+            name: name.clone(),
+            auth,
+            retry: self.retry.clone(),
+            breaker: CircuitBreaker::new(name, self.breaker),
+            limiter: Limiter::new(self.max_parallel, self.follow_dop_hint),
+            bypass_custom_plugins: self.bypass_custom_plugins,
+            counters: Counters::default(),
+        };
+        Ok(DataverseStore {
+            inner: Arc::new(Inner {
+                transport,
+                tables,
+                batch_size: self.batch_size.get(),
+                bulk_chunk: self.bulk_chunk.get(),
+                tag: self.tag,
+                bulk_probe: tokio::sync::Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// Fills in what the settings leave open (entity set names, lookup navigation properties) from the
+    /// service's metadata (`EntityDefinitions`). Explicit settings win.
+    pub async fn load_metadata(mut self) -> Result<Self> {
+        let store = self.clone().build()?;
+        let names: Vec<TableName> = self.schema.tables().map(|t| t.name.clone()).collect();
+        for table in names {
+            let path = format!(
+                "EntityDefinitions(LogicalName='{table}')?$select=LogicalName,EntitySetName&$expand=ManyToOneRelationships($select=ReferencingAttribute,ReferencingEntityNavigationPropertyName)"
+            );
+            let response = store
+                .inner
+                .execute(
+                    Request::new(Method::GET, path, "metadata"),
+                    &store.inner.context(None, None),
+                )
+                .await?;
+            if response.status != 200 {
+                return Err(store
+                    .inner
+                    .error(&response, &store.inner.context(None, None)));
+            }
+            let body = response.json(store.backend())?;
+            let mut settings = self
+                .tables
+                .remove(&table)
+                .unwrap_or_else(|| super::DataverseTable::new(table.clone()));
+            if settings.entity_set.is_none()
+                && let Some(set) = body.get("EntitySetName").and_then(Value::as_str)
+            {
+                settings = settings.with_entity_set(set);
+            }
+            let lookups = self.schema.table(&table)?.lookups.clone();
+            for relationship in body
+                .get("ManyToOneRelationships")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let attribute = relationship
+                    .get("ReferencingAttribute")
+                    .and_then(Value::as_str);
+                let property = relationship
+                    .get("ReferencingEntityNavigationPropertyName")
+                    .and_then(Value::as_str);
+                if let (Some(attribute), Some(property)) = (attribute, property)
+                    && let Some((lookup, _)) = lookups.get_key_value(attribute)
+                    && !settings.navigation.contains_key(lookup)
+                {
+                    settings = settings.with_navigation(lookup.clone(), property);
+                }
+            }
+            self = self.with_table(settings);
+        }
+        Ok(self)
+    }
+}
+
+/// `https://org.crm4.dynamics.com/` or `.../api/data/v9.2` → `https://org.crm4.dynamics.com`.
+fn normalize_org_url(url: &str) -> Result<String> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let trimmed = trimmed
+        .strip_suffix(API_PATH.trim_end_matches('/'))
+        .unwrap_or(trimmed);
+    let valid = (trimmed.starts_with("https://") || trimmed.starts_with("http://"))
+        && !host_of(trimmed).is_empty()
+        && !trimmed.contains(['?', '#', ' ']);
+    if !valid {
+        return Err(Error::InvalidConfig {
+            reason: format!(
+                "the environment URL {url:?} is not an http(s) URL such as https://contoso.crm4.dynamics.com"
+            ),
+        });
+    }
+    Ok(trimmed.to_owned())
+}
+
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+impl DataverseStore {
+    /// Request counters (for tests and benchmarks).
+    pub fn stats(&self) -> TransportStats {
+        self.inner.transport.stats()
+    }
+
+    /// How many requests may be in flight now (follows the service's `x-ms-dop-hint`).
+    pub fn parallel_limit(&self) -> usize {
+        self.inner.transport.limiter.limit()
+    }
+
+    /// The service root, `https://host/api/data/v9.2/`.
+    pub fn service_root(&self) -> &str {
+        &self.inner.transport.root
+    }
+
+    /// Upserts many records with `UpsertMultiple` (chunks of [`with_bulk_chunk`](DataverseConfig::with_bulk_chunk)
+    /// records, in parallel up to the service's hint), or `$batch` for tables without bulk support. Hydrated
+    /// records clear the state column (placeholders become hydrated); placeholders are not accepted here, ensure
+    /// them instead. The service reports no per-record outcome for bulk messages: use
+    /// [`write_batch`](RecordStore::write_batch) when you need created/updated or the hydration transition. A
+    /// failing record fails its whole chunk (standard tables are all or nothing).
+    pub async fn bulk_upsert(&self, records: &[Record]) -> BulkReport {
+        self.inner.bulk_upsert(records).await
+    }
+
+    /// Deletes a record; `Ok(false)` if it did not exist. Not part of [`RecordStore`] (the pattern never deletes);
+    /// here for cleaning up after tests and for tools.
+    pub async fn delete(&self, reference: &EntityRef) -> Result<bool> {
+        let inner = &self.inner;
+        let table = inner.table(&reference.table)?;
+        if let Key::Alternate(key) = &reference.key {
+            table.schema.key_address(key)?;
+        }
+        let context = inner.context(Some(reference), None);
+        let request = Request::new(Method::DELETE, table.address(&reference.key), "delete");
+        let response = inner.execute(request, &context).await?;
+        match response.status {
+            200 | 204 => Ok(true),
+            404 if is_missing_row(&response) => Ok(false),
+            _ => Err(inner.error(&response, &context)),
+        }
+    }
+
+    /// Whether `table` supports the bulk messages (asks the service once, then remembers).
+    pub async fn supports_bulk(&self, table: &TableName) -> Result<bool> {
+        self.inner.supports_bulk(table).await
+    }
+}
+
+#[async_trait]
+impl RecordStore for DataverseStore {
+    fn backend(&self) -> &str {
+        &self.inner.transport.name
+    }
+
+    async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
+        let table = self.inner.table(&reference.table)?;
+        if let Key::Alternate(key) = &reference.key {
+            table.schema.key_address(key)?;
+        }
+        let context = self.inner.context(Some(reference), None);
+        let request = Request::new(Method::GET, table.read_path(&reference.key), "read");
+        let response = self.inner.execute(request, &context).await?;
+        match response.status {
+            200 => {
+                let row = table.row(self.backend(), response.json(self.backend())?)?;
+                Ok(Some(table.stored(row)?))
+            }
+            404 => Ok(None),
+            _ => Err(self.inner.error(&response, &context)),
+        }
+    }
+
+    async fn write(&self, write: &Write) -> Result<WriteOutcome> {
+        self.inner.write_exact(write).await
+    }
+
+    async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
+        self.inner.write_batch(writes).await
+    }
+
+    async fn ensure_placeholders(&self, placeholders: Vec<Record>) -> Vec<Result<Ensured>> {
+        let writes: Vec<Write> = placeholders.into_iter().map(Write::create_only).collect();
+        self.inner
+            .write_batch(&writes)
+            .await
+            .into_iter()
+            .map(|result| match result {
+                Ok(outcome) => Ok(Ensured::Created { id: outcome.id }),
+                Err(Error::AlreadyExists { .. }) => Ok(Ensured::Existed),
+                Err(err) => Err(err),
+            })
+            .collect()
+    }
+}
+
+/// A write applied by the service, as its representation tells.
+struct Applied {
+    id: uuid::Uuid,
+    version: crate::Version,
+    created: bool,
+    /// The state column was still `true` after the write: the row is a placeholder.
+    placeholder: bool,
+}
+
+impl Inner {
+    fn backend(&self) -> &str {
+        &self.transport.name
+    }
+
+    fn table(&self, name: &TableName) -> Result<&TableInfo> {
+        self.tables.get(name).ok_or_else(|| Error::UnknownTable {
+            table: name.clone(),
+        })
+    }
+
+    fn entity_set_of(&self, table: &TableName) -> Result<String> {
+        Ok(self.table(table)?.entity_set.clone())
+    }
+
+    fn context<'a>(
+        &'a self,
+        reference: Option<&'a EntityRef>,
+        write: Option<&'a Write>,
+    ) -> RequestContext<'a> {
+        RequestContext {
+            backend: self.backend(),
+            reference,
+            write,
+        }
+    }
+
+    async fn execute(&self, request: Request, context: &RequestContext<'_>) -> Result<Response> {
+        self.transport.execute(&request, context).await
+    }
+
+    fn error(&self, response: &Response, context: &RequestContext<'_>) -> Error {
+        let retry_after = response
+            .header("retry-after")
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+        map_error(response.status, retry_after, &response.body, context)
+    }
+
+    /// `?tag=` for writes, when configured.
+    fn tagged(&self, path: String) -> String {
+        match &self.tag {
+            Some(tag) => {
+                let tag =
+                    percent_encoding::utf8_percent_encode(tag, percent_encoding::NON_ALPHANUMERIC);
+                let separator = if path.contains('?') { '&' } else { '?' };
+                format!("{path}{separator}tag={tag}")
+            }
+            None => path,
+        }
+    }
+
+    /// The write operation sent for `write` (in a batch or alone): a PATCH to its address with its precondition,
+    /// asking for the id, version and state back.
+    fn write_operation(
+        &self,
+        table: &TableInfo,
+        write: &Write,
+        state: Option<HydrationState>,
+        key: &Key,
+    ) -> Result<Operation> {
+        let body = table.body(&write.record, state, |t| self.entity_set_of(t))?;
+        let path = self.tagged(format!(
+            "{}?$select={}",
+            table.address(key),
+            table.outcome_select()
+        ));
+        let mut operation = Operation::new("PATCH", path)
+            .header("Prefer", "return=representation")
+            .json(Value::Object(body).to_string());
+        match write.precondition {
+            Precondition::None => {}
+            Precondition::CreateOnly => operation = operation.header("If-None-Match", "*"),
+            Precondition::UpdateOnly => operation = operation.header("If-Match", "*"),
+            Precondition::MatchVersion(version) => {
+                operation = operation.header("If-Match", etag(version))
+            }
+        }
+        Ok(operation)
+    }
+
+    fn applied(&self, table: &TableInfo, status: u16, body: &[u8]) -> Result<Applied> {
+        if !matches!(status, 200 | 201) {
+            return Err(Error::Backend {
+                backend: self.backend().to_owned(),
+                message: format!(
+                    "HTTP {status} without the record: the service ignored Prefer: return=representation"
+                ),
+                retryable: false,
+                source: None,
+            });
+        }
+        let json: Value = serde_json::from_slice(body).map_err(|e| Error::Backend {
+            backend: self.backend().to_owned(),
+            message: format!("HTTP {status}: the body is not JSON ({e})"),
+            retryable: false,
+            source: None,
+        })?;
+        let row = table.row(self.backend(), json)?;
+        Ok(Applied {
+            id: row.id,
+            version: row.version,
+            created: status == 201,
+            placeholder: row.state == HydrationState::Placeholder,
+        })
+    }
+
+    /// Sends one operation on its own (not in a batch).
+    async fn send_operation(
+        &self,
+        operation: Operation,
+        context: &RequestContext<'_>,
+    ) -> Result<OperationResponse> {
+        let method = Method::from_bytes(operation.method.as_bytes()).unwrap_or(Method::PATCH);
+        let idempotent =
+            operation.header_value("If-None-Match").is_none() && method != Method::POST;
+        let mut request =
+            Request::new(method, operation.url.clone(), "write").idempotent(idempotent);
+        for (name, value) in &operation.headers {
+            if let Some(name) = known_header(name) {
+                request = request.header(name, value.clone());
+            }
+        }
+        if let Some(body) = &operation.body {
+            request = request.body("application/json".into(), body.clone().into_bytes());
+        }
+        let response = self.execute(request, context).await?;
+        Ok(OperationResponse {
+            status: response.status,
+            headers: Vec::new(),
+            body: response.body,
+            content_id: None,
+        })
+    }
+
+    /// The exact single write: read, compare, write conditionally; repeat if the row changed in between.
+    async fn write_exact(&self, write: &Write) -> Result<WriteOutcome> {
+        let record = &write.record;
+        let table = self.table(record.table())?;
+        table.schema.check_write(record)?;
+        let context = self.context(None, Some(write));
+        for _ in 0..MAX_CONTENTION_ROUNDS {
+            let current = self
+                .fetch_row(
+                    table,
+                    &record.reference.key,
+                    &table.compare_select(record),
+                    &context,
+                )
+                .await?;
+            let attempt = match current {
+                None => self.create_missing(table, write, &context).await?,
+                Some(row) => self.update_existing(table, write, row, &context).await?,
+            };
+            if let Some(outcome) = attempt {
+                return Ok(outcome);
+            }
+        }
+        Err(Error::Backend {
+            backend: self.backend().to_owned(),
+            message: format!(
+                "{}: the record kept changing during {MAX_CONTENTION_ROUNDS} attempts to write it",
+                record.reference
+            ),
+            retryable: true,
+            source: None,
+        })
+    }
+
+    async fn fetch_row(
+        &self,
+        table: &TableInfo,
+        key: &Key,
+        select: &str,
+        context: &RequestContext<'_>,
+    ) -> Result<Option<Row>> {
+        let path = format!("{}?$select={select}", table.address(key));
+        let response = self
+            .execute(Request::new(Method::GET, path, "read"), context)
+            .await?;
+        match response.status {
+            200 => Ok(Some(
+                table.row(self.backend(), response.json(self.backend())?)?,
+            )),
+            404 if is_missing_row(&response) => Ok(None),
+            _ => Err(self.error(&response, context)),
+        }
+    }
+
+    /// `Ok(None)`: someone created the row in between; read again.
+    async fn create_missing(
+        &self,
+        table: &TableInfo,
+        write: &Write,
+        context: &RequestContext<'_>,
+    ) -> Result<Option<WriteOutcome>> {
+        let reference = Box::new(write.record.reference.clone());
+        if matches!(
+            write.precondition,
+            Precondition::UpdateOnly | Precondition::MatchVersion(_)
+        ) {
+            return Err(Error::NotFound { reference });
+        }
+        let create = Write::create_only(write.record.clone());
+        let operation = self.write_operation(
+            table,
+            &create,
+            Some(write.record.state),
+            &write.record.reference.key,
+        )?;
+        let response = self.send_operation(operation, context).await?;
+        match response.status {
+            200 | 201 => {
+                let applied = self.applied(table, response.status, &response.body)?;
+                Ok(Some(WriteOutcome {
+                    id: applied.id,
+                    version: applied.version,
+                    change: Change::Created,
+                    previous_state: None,
+                    state: write.record.state,
+                }))
+            }
+            412 if write.precondition == Precondition::CreateOnly => {
+                Err(Error::AlreadyExists { reference })
+            }
+            412 if parse_error_body(&response.body).code != codes::DUPLICATE_RECORD_ENTITY_KEY => {
+                Ok(None)
+            }
+            _ => Err(self.operation_error(table, write, &response).await),
+        }
+    }
+
+    /// `Ok(None)`: the row changed between the read and the write; read again.
+    async fn update_existing(
+        &self,
+        table: &TableInfo,
+        write: &Write,
+        row: Row,
+        context: &RequestContext<'_>,
+    ) -> Result<Option<WriteOutcome>> {
+        let record = &write.record;
+        let reference = Box::new(record.reference.clone());
+        match write.precondition {
+            Precondition::CreateOnly => return Err(Error::AlreadyExists { reference }),
+            Precondition::MatchVersion(expected) if expected != row.version => {
+                return Err(Error::VersionMismatch {
+                    reference,
+                    expected,
+                    actual: Some(row.version),
+                });
+            }
+            _ => {}
+        }
+        // Hydrated never goes back to placeholder.
+        let state = match row.state {
+            HydrationState::Hydrated => HydrationState::Hydrated,
+            HydrationState::Placeholder => record.state,
+        };
+        let unchanged = state == row.state
+            && record.fields.iter().all(|(c, v)| row.values.get(c.as_str()).unwrap_or(&Value::Null) == v)
+            && record.lookups.iter().all(|(l, target)| {
+                let stored = row.values.get(&format!("_{l}_value")).and_then(Value::as_str);
+                matches!((&target.key, stored), (Key::Id(id), Some(s)) if s.eq_ignore_ascii_case(&id.to_string()))
+            });
+        if unchanged {
+            return Ok(Some(WriteOutcome {
+                id: row.id,
+                version: row.version,
+                change: Change::Unchanged,
+                previous_state: Some(row.state),
+                state,
+            }));
+        }
+        let update = Write::if_version(record.clone(), row.version);
+        let send_state = (state != row.state).then_some(state);
+        let operation = self.write_operation(table, &update, send_state, &Key::Id(row.id))?;
+        let response = self.send_operation(operation, context).await?;
+        match response.status {
+            200 | 201 => {
+                let applied = self.applied(table, response.status, &response.body)?;
+                Ok(Some(WriteOutcome {
+                    id: applied.id,
+                    version: applied.version,
+                    change: Change::Updated,
+                    previous_state: Some(row.state),
+                    state,
+                }))
+            }
+            412 if parse_error_body(&response.body).code == codes::DUPLICATE_RECORD_ENTITY_KEY => {
+                Err(self.operation_error(table, write, &response).await)
+            }
+            412 => match write.precondition {
+                Precondition::MatchVersion(expected) => Err(Error::VersionMismatch {
+                    reference,
+                    expected,
+                    actual: None,
+                }),
+                _ => Ok(None),
+            },
+            404 if is_missing_row(&response) => Ok(None),
+            _ => Err(self.operation_error(table, write, &response).await),
+        }
+    }
+
+    /// Maps a failed operation, looking up the holder of a clashing alternate key (the service does not say).
+    async fn operation_error(
+        &self,
+        table: &TableInfo,
+        write: &Write,
+        response: &OperationResponse,
+    ) -> Error {
+        let error = parse_error_body(&response.body);
+        if error.code == codes::DUPLICATE_RECORD_ENTITY_KEY
+            && let Some(duplicate) = self.find_key_holder(table, write).await
+        {
+            return duplicate;
+        }
+        let retry_after = response
+            .header_value("retry-after")
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+        map_error(
+            response.status,
+            retry_after,
+            &response.body,
+            &self.context(None, Some(write)),
+        )
+    }
+
+    async fn find_key_holder(&self, table: &TableInfo, write: &Write) -> Option<Error> {
+        let record = &write.record;
+        for def in &table.schema.alternate_keys {
+            let values: Option<Vec<(crate::ColumnName, crate::KeyValue)>> = def
+                .columns
+                .iter()
+                .map(|(column, kind)| {
+                    let value = record.fields.get(column).cloned().or_else(|| {
+                        match &record.reference.key {
+                            Key::Alternate(key) => {
+                                key.get(column.as_str()).map(crate::KeyValue::to_json)
+                            }
+                            Key::Id(_) => None,
+                        }
+                    })?;
+                    Some((column.clone(), crate::KeyValue::from_json(*kind, &value)?))
+                })
+                .collect();
+            let Some(values) = values else { continue };
+            let Ok(key) = crate::AlternateKey::new(table.name(), values) else {
+                continue;
+            };
+            let own = record.reference.id();
+            let select = table.schema.primary_id.to_string();
+            let context = self.context(None, Some(write));
+            if let Ok(Some(row)) = self
+                .fetch_row(table, &Key::Alternate(key.clone()), &select, &context)
+                .await
+                && Some(row.id) != own
+                && Key::Alternate(key.clone()) != record.reference.key
+            {
+                return Some(Error::DuplicateKey {
+                    table: table.name().clone(),
+                    key,
+                    existing: row.id,
+                });
+            }
+        }
+        None
+    }
+
+    /// Batched writes: validated locally, then sent as `$batch` chunks of independent operations. Placeholder
+    /// upserts that are not create-only take the exact path (they must not mark an existing record).
+    async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
+        let mut results: Vec<Option<Result<WriteOutcome>>> =
+            (0..writes.len()).map(|_| None).collect();
+        let mut batched: Vec<(usize, Operation)> = Vec::with_capacity(writes.len());
+        for (i, write) in writes.iter().enumerate() {
+            let prepared = self.table(write.record.table()).and_then(|table| {
+                table.schema.check_write(&write.record)?;
+                Ok(table)
+            });
+            match prepared {
+                Err(e) => results[i] = Some(Err(e)),
+                Ok(_)
+                    if write.record.state == HydrationState::Placeholder
+                        && write.precondition != Precondition::CreateOnly =>
+                {
+                    results[i] = Some(self.write_exact(write).await);
+                }
+                Ok(table) => {
+                    let state = (write.precondition == Precondition::CreateOnly)
+                        .then_some(write.record.state);
+                    match self.write_operation(table, write, state, &write.record.reference.key) {
+                        Ok(op) => batched.push((i, op)),
+                        Err(e) => results[i] = Some(Err(e)),
+                    }
+                }
+            }
+        }
+        let responses = self
+            .run_batches(
+                batched.iter().map(|(_, op)| op.clone()).collect(),
+                distinct_addresses(writes),
+            )
+            .await;
+        let mut clears = Vec::new();
+        for ((i, _), response) in batched.iter().zip(responses) {
+            let write = &writes[*i];
+            let result = match response {
+                Err(e) => Err(e),
+                Ok(response) => match self.table(write.record.table()) {
+                    Err(e) => Err(e),
+                    Ok(table) => self.batched_outcome(table, write, &response).await,
+                },
+            };
+            match result {
+                Ok(Outcome::Done(outcome)) => results[*i] = Some(Ok(outcome)),
+                Ok(Outcome::Hydrate(applied)) => clears.push((*i, applied)),
+                Err(e) => results[*i] = Some(Err(e)),
+            }
+        }
+        if !clears.is_empty() {
+            for (i, result) in self.clear_placeholders(writes, clears).await {
+                results[i] = Some(result);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Error::Backend {
+                        backend: self.backend().to_owned(),
+                        message: "no response for this write".into(),
+                        retryable: true,
+                        source: None,
+                    })
+                })
+            })
+            .collect()
+    }
+
+    async fn batched_outcome(
+        &self,
+        table: &TableInfo,
+        write: &Write,
+        response: &OperationResponse,
+    ) -> Result<Outcome> {
+        if !matches!(response.status, 200 | 201) {
+            return Err(self.operation_error(table, write, response).await);
+        }
+        let applied = self.applied(table, response.status, &response.body)?;
+        let state = write.record.state;
+        Ok(match (applied.created, applied.placeholder) {
+            (true, _) => Outcome::Done(WriteOutcome {
+                id: applied.id,
+                version: applied.version,
+                change: Change::Created,
+                previous_state: None,
+                state,
+            }),
+            (false, true) if state == HydrationState::Hydrated => Outcome::Hydrate(applied),
+            (false, placeholder) => {
+                let previous = if placeholder {
+                    HydrationState::Placeholder
+                } else {
+                    HydrationState::Hydrated
+                };
+                Outcome::Done(WriteOutcome {
+                    id: applied.id,
+                    version: applied.version,
+                    change: Change::Updated,
+                    previous_state: Some(previous),
+                    state: previous,
+                })
+            }
+        })
+    }
+
+    /// The second step of hydrating in a batch: clear the state column, conditional on the version the data
+    /// write produced. Exactly one writer clears it; the others find it cleared and report no transition.
+    async fn clear_placeholders(
+        &self,
+        writes: &[Write],
+        clears: Vec<(usize, Applied)>,
+    ) -> Vec<(usize, Result<WriteOutcome>)> {
+        let mut operations = Vec::with_capacity(clears.len());
+        for (i, applied) in &clears {
+            let table = match self.table(writes[*i].record.table()) {
+                Ok(t) => t,
+                Err(_) => continue,
+            };
+            operations.push(self.clear_operation(table, applied.id, applied.version));
+        }
+        let responses = self.run_batches(operations, true).await;
+        let mut out = Vec::with_capacity(clears.len());
+        for ((i, applied), response) in clears.into_iter().zip(responses) {
+            let write = &writes[i];
+            let result = match (self.table(write.record.table()), response) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(table), Ok(response)) if matches!(response.status, 200 | 201) => self
+                    .applied(table, response.status, &response.body)
+                    .map(|cleared| WriteOutcome {
+                        id: cleared.id,
+                        version: cleared.version,
+                        change: Change::Updated,
+                        previous_state: Some(HydrationState::Placeholder),
+                        state: HydrationState::Hydrated,
+                    }),
+                (Ok(table), Ok(response)) if response.status == 412 => {
+                    self.clear_contended(table, write, applied.id).await
+                }
+                (Ok(table), Ok(response)) => {
+                    Err(self.operation_error(table, write, &response).await)
+                }
+            };
+            out.push((i, result));
+        }
+        out
+    }
+
+    fn clear_operation(
+        &self,
+        table: &TableInfo,
+        id: uuid::Uuid,
+        version: crate::Version,
+    ) -> Operation {
+        let column = table.state_column.as_ref().map_or("", |c| c.as_str());
+        Operation::new(
+            "PATCH",
+            format!(
+                "{}?$select={}",
+                table.address(&Key::Id(id)),
+                table.outcome_select()
+            ),
+        )
+        .header("Prefer", "return=representation")
+        .header("If-Match", etag(version))
+        .json(json!({ column: false }).to_string())
+    }
+
+    /// The row changed between the data write and the clear: read it and clear again, unless someone else did.
+    async fn clear_contended(
+        &self,
+        table: &TableInfo,
+        write: &Write,
+        id: uuid::Uuid,
+    ) -> Result<WriteOutcome> {
+        let context = self.context(None, Some(write));
+        for _ in 0..MAX_CONTENTION_ROUNDS {
+            let Some(row) = self
+                .fetch_row(table, &Key::Id(id), &table.outcome_select(), &context)
+                .await?
+            else {
+                return Err(Error::NotFound {
+                    reference: Box::new(write.record.reference.clone()),
+                });
+            };
+            if row.state == HydrationState::Hydrated {
+                return Ok(WriteOutcome {
+                    id,
+                    version: row.version,
+                    change: Change::Updated,
+                    previous_state: Some(HydrationState::Hydrated),
+                    state: HydrationState::Hydrated,
+                });
+            }
+            let response = self
+                .send_operation(self.clear_operation(table, id, row.version), &context)
+                .await?;
+            if matches!(response.status, 200 | 201) {
+                let cleared = self.applied(table, response.status, &response.body)?;
+                return Ok(WriteOutcome {
+                    id,
+                    version: cleared.version,
+                    change: Change::Updated,
+                    previous_state: Some(HydrationState::Placeholder),
+                    state: HydrationState::Hydrated,
+                });
+            }
+            if response.status != 412 {
+                return Err(self.operation_error(table, write, &response).await);
+            }
+        }
+        Err(Error::Backend {
+            backend: self.backend().to_owned(),
+            message: format!(
+                "{}: the placeholder kept changing while being hydrated",
+                write.record.reference
+            ),
+            retryable: true,
+            source: None,
+        })
+    }
+
+    /// Sends operations as `$batch` requests of up to `batch_size`, independent (continue on error). Chunks run
+    /// in parallel (up to the parallelism limit) when `parallel`, else one after the other, in order. One result
+    /// per operation: a failed request fails each of its operations.
+    async fn run_batches(
+        &self,
+        operations: Vec<Operation>,
+        parallel: bool,
+    ) -> Vec<Result<OperationResponse>> {
+        let chunks: Vec<Vec<Operation>> = operations
+            .chunks(self.batch_size.max(1))
+            .map(<[Operation]>::to_vec)
+            .collect();
+        let width = if parallel {
+            batch::MAX_OPERATIONS.min(crate::dataverse::MAX_PARALLEL_REQUESTS)
+        } else {
+            1
+        };
+        let sent: Vec<Vec<Result<OperationResponse>>> = stream::iter(chunks)
+            .map(|chunk| self.send_batch(chunk))
+            .buffered(width)
+            .collect()
+            .await;
+        sent.into_iter().flatten().collect()
+    }
+
+    async fn send_batch(&self, operations: Vec<Operation>) -> Vec<Result<OperationResponse>> {
+        let count = operations.len();
+        let idempotent = operations
+            .iter()
+            .all(|op| op.method != "POST" && op.header_value("If-None-Match").is_none());
+        let mut request = BatchRequest::new();
+        request.parts = operations.into_iter().map(Part::Single).collect();
+        let http = Request::new(Method::POST, "$batch".into(), "batch")
+            .header("Prefer", "odata.continue-on-error")
+            .body(request.content_type(), request.encode(API_PATH))
+            .idempotent(idempotent);
+        let context = self.context(None, None);
+        let failed = |e: Error| (0..count).map(|_| Err(e.clone())).collect();
+        let response = match self.execute(http, &context).await {
+            Ok(r) => r,
+            Err(e) => return failed(e),
+        };
+        if response.status != 200 {
+            return failed(self.error(&response, &context));
+        }
+        let content_type = response
+            .header("content-type")
+            .unwrap_or_default()
+            .to_owned();
+        let parts = match batch::parse_response(&content_type, &response.body) {
+            Ok(parts) => parts,
+            Err(e) => {
+                return failed(Error::Backend {
+                    backend: self.backend().to_owned(),
+                    message: e.to_string(),
+                    retryable: false,
+                    source: None,
+                });
+            }
+        };
+        let mut responses: Vec<Result<OperationResponse>> = parts
+            .into_iter()
+            .flat_map(|part| match part {
+                ResponsePart::Single(r) => vec![r],
+                ResponsePart::ChangeSet(rs) => rs,
+            })
+            .map(Ok)
+            .collect();
+        if responses.len() != count {
+            tracing::warn!(
+                expected = count,
+                got = responses.len(),
+                "$batch response has the wrong number of parts"
+            );
+            responses.truncate(count);
+            let missing = count - responses.len();
+            responses.extend((0..missing).map(|_| {
+                Err(Error::Backend {
+                    backend: self.backend().to_owned(),
+                    message: "the $batch response has no part for this operation".into(),
+                    retryable: true,
+                    source: None,
+                })
+            }));
+        }
+        responses
+    }
+
+    async fn supports_bulk(&self, table: &TableName) -> Result<bool> {
+        let info = self.table(table)?;
+        match info.bulk {
+            BulkSupport::Supported => return Ok(true),
+            BulkSupport::Unsupported => return Ok(false),
+            BulkSupport::Probe => {}
+        }
+        let mut cache = self.bulk_probe.lock().await;
+        if let Some(known) = cache.get(table) {
+            return Ok(*known);
+        }
+        // UpsertMultiple is available wherever CreateMultiple is; the service lists the latter, not the former.
+        let path = format!(
+            "sdkmessagefilters?$select=sdkmessagefilterid&$filter=sdkmessageid/name eq @message and primaryobjecttypecode eq @table&@message='CreateMultiple'&@table='{table}'"
+        )
+        .replace(' ', "%20");
+        let context = self.context(None, None);
+        let response = self
+            .execute(Request::new(Method::GET, path, "metadata"), &context)
+            .await?;
+        if response.status != 200 {
+            return Err(self.error(&response, &context));
+        }
+        let supported = response
+            .json(self.backend())?
+            .get("value")
+            .and_then(Value::as_array)
+            .is_some_and(|v| !v.is_empty());
+        cache.insert(table.clone(), supported);
+        Ok(supported)
+    }
+
+    async fn bulk_upsert(&self, records: &[Record]) -> BulkReport {
+        let mut results: Vec<Option<Result<()>>> = (0..records.len()).map(|_| None).collect();
+        let mut by_table: BTreeMap<&TableName, Vec<usize>> = BTreeMap::new();
+        for (i, record) in records.iter().enumerate() {
+            let checked = self
+                .table(record.table())
+                .and_then(|t| t.schema.check_write(record).map(|_| t));
+            match checked {
+                Err(e) => results[i] = Some(Err(e)),
+                Ok(table) if record.state == HydrationState::Placeholder => {
+                    results[i] = Some(Err(Error::InvalidValue {
+                        reference: Box::new(record.reference.clone()),
+                        field: table
+                            .state_column
+                            .clone()
+                            .unwrap_or_else(|| table.schema.primary_id.clone()),
+                        reason: "bulk upserts write hydrated records; ensure placeholders instead"
+                            .into(),
+                    }))
+                }
+                Ok(_) => by_table.entry(record.table()).or_default().push(i),
+            }
+        }
+        let before = self.transport.stats().requests;
+        for (table_name, indices) in by_table {
+            let table = match self.table(table_name) {
+                Ok(t) => t,
+                Err(e) => {
+                    for &i in &indices {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    continue;
+                }
+            };
+            let bulk = match self.supports_bulk(table_name).await {
+                Ok(b) => b,
+                Err(e) => {
+                    for &i in &indices {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    continue;
+                }
+            };
+            if bulk {
+                for (i, result) in self.upsert_multiple(table, records, &indices).await {
+                    results[i] = Some(result);
+                }
+            } else {
+                let writes: Vec<Write> = indices
+                    .iter()
+                    .map(|&i| Write::upsert(records[i].clone()))
+                    .collect();
+                let outcomes = self.write_batch(&writes).await;
+                for (&i, outcome) in indices.iter().zip(outcomes) {
+                    results[i] = Some(outcome.map(|_| ()));
+                }
+            }
+        }
+        let requests = (self.transport.stats().requests - before) as usize;
+        BulkReport {
+            results: results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect(),
+            requests,
+        }
+    }
+
+    /// `UpsertMultiple` in chunks, in parallel. A record addressed twice goes to a later round, since the service
+    /// rejects duplicate keys within one request.
+    async fn upsert_multiple(
+        &self,
+        table: &TableInfo,
+        records: &[Record],
+        indices: &[usize],
+    ) -> Vec<(usize, Result<()>)> {
+        let mut rounds: Vec<Vec<usize>> = Vec::new();
+        let mut seen: Vec<HashSet<&EntityRef>> = Vec::new();
+        for &i in indices {
+            let reference = &records[i].reference;
+            let round = seen
+                .iter()
+                .position(|s| !s.contains(reference))
+                .unwrap_or(seen.len());
+            if round == seen.len() {
+                seen.push(HashSet::new());
+                rounds.push(Vec::new());
+            }
+            seen[round].insert(reference);
+            rounds[round].push(i);
+        }
+        let mut out = Vec::with_capacity(indices.len());
+        for round in rounds {
+            let chunks: Vec<Vec<usize>> = round
+                .chunks(self.bulk_chunk.max(1))
+                .map(<[usize]>::to_vec)
+                .collect();
+            let sent: Vec<Vec<(usize, Result<()>)>> = stream::iter(chunks)
+                .map(|chunk| self.send_upsert_multiple(table, records, chunk))
+                .buffered(crate::dataverse::MAX_PARALLEL_REQUESTS)
+                .collect()
+                .await;
+            out.extend(sent.into_iter().flatten());
+        }
+        out
+    }
+
+    async fn send_upsert_multiple(
+        &self,
+        table: &TableInfo,
+        records: &[Record],
+        chunk: Vec<usize>,
+    ) -> Vec<(usize, Result<()>)> {
+        let mut targets = Vec::with_capacity(chunk.len());
+        for &i in &chunk {
+            let record = &records[i];
+            let body = table.body(
+                record,
+                table
+                    .state_column
+                    .as_ref()
+                    .map(|_| HydrationState::Hydrated),
+                |t| self.entity_set_of(t),
+            );
+            match body {
+                Ok(mut body) => {
+                    body.insert(
+                        "@odata.type".into(),
+                        Value::String(format!("Microsoft.Dynamics.CRM.{}", table.name())),
+                    );
+                    body.insert(
+                        "@odata.id".into(),
+                        Value::String(table.address(&record.reference.key)),
+                    );
+                    targets.push(Value::Object(body));
+                }
+                Err(e) => return chunk.iter().map(|&i| (i, Err(e.clone()))).collect(),
+            }
+        }
+        let path = self.tagged(format!(
+            "{}/Microsoft.Dynamics.CRM.UpsertMultiple",
+            table.entity_set
+        ));
+        let request = Request::new(Method::POST, path, "bulk")
+            .json(&json!({ "Targets": targets }))
+            .idempotent(true);
+        let context = self.context(None, None);
+        let result = match self.execute(request, &context).await {
+            Ok(response) if matches!(response.status, 200 | 204) => Ok(()),
+            Ok(response) => Err(self.error(&response, &context)),
+            Err(e) => Err(e),
+        };
+        chunk.into_iter().map(|i| (i, result.clone())).collect()
+    }
+}
+
+enum Outcome {
+    Done(WriteOutcome),
+    /// Written onto a placeholder; the state column still has to be cleared.
+    Hydrate(Applied),
+}
+
+/// Whether a 404 says the addressed row is missing (rather than, say, an unknown entity set).
+fn is_missing_row(response: &impl HasBody) -> bool {
+    let code = parse_error_body(response.body()).code;
+    matches!(
+        code.as_str(),
+        codes::OBJECT_DOES_NOT_EXIST | codes::RECORD_NOT_FOUND_BY_ENTITY_KEY | ""
+    )
+}
+
+trait HasBody {
+    fn body(&self) -> &[u8];
+}
+
+impl HasBody for Response {
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+impl HasBody for OperationResponse {
+    fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// Batches may run in parallel only when no record is written twice (the order of its writes would be lost).
+fn distinct_addresses(writes: &[Write]) -> bool {
+    let mut seen = HashSet::with_capacity(writes.len());
+    writes.iter().all(|w| seen.insert(&w.record.reference))
+}
+
+/// Operation headers that may be sent on a single request.
+fn known_header(name: &str) -> Option<&'static str> {
+    ["Prefer", "If-Match", "If-None-Match"]
+        .into_iter()
+        .find(|known| known.eq_ignore_ascii_case(name))
+}
