@@ -257,39 +257,14 @@ impl DataverseConfig {
         schema: Schema,
         get: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<Self>> {
-        const REQUIRED: [&str; 4] = [
-            "DATAVERSE_URL",
-            "DATAVERSE_TENANT_ID",
-            "DATAVERSE_CLIENT_ID",
-            "DATAVERSE_CLIENT_SECRET",
-        ];
-        let values: Vec<Option<String>> = REQUIRED
-            .iter()
-            .map(|n| get(n).filter(|v| !v.trim().is_empty()))
-            .collect();
-        if values.iter().all(Option::is_none) {
+        // The credentials check the variables (all or none, valid URLs) and name what is missing.
+        let Some(credentials) = ClientCredentials::from_lookup(&get)? else {
             return Ok(None);
-        }
-        let missing: Vec<&str> = REQUIRED
-            .iter()
-            .zip(&values)
-            .filter(|(_, v)| v.is_none())
-            .map(|(n, _)| *n)
-            .collect();
-        let [Some(url), Some(tenant), Some(client_id), Some(secret)] =
-            <[Option<String>; 4]>::try_from(values).unwrap_or([None, None, None, None])
-        else {
-            return Err(Error::InvalidConfig {
-                reason: format!("missing environment variables: {}", missing.join(", ")),
-            });
         };
-        let mut config = Self::new(url, schema).with_client_credentials(tenant, client_id, secret);
-        if let (Auth::ClientCredentials { authority, .. }, Some(a)) =
-            (&mut config.auth, get("DATAVERSE_AUTHORITY"))
-        {
-            *authority = Some(a);
-        }
-        Ok(Some(config))
+        let url = get("DATAVERSE_URL").unwrap_or_default();
+        Ok(Some(
+            Self::new(url, schema).with_token_provider(Arc::new(credentials)),
+        ))
     }
 
     /// Names the store in errors and traces (default: the environment's host).
@@ -519,10 +494,13 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("s3cret"));
-        let config = DataverseConfig::from_lookup(schema(), |n| Some(format!("{n}-value")))
-            .unwrap()
-            .unwrap();
-        assert_eq!(config.org_url, "DATAVERSE_URL-value");
+        let config = DataverseConfig::from_lookup(schema(), |n| match n {
+            "DATAVERSE_URL" => Some("https://contoso.crm4.dynamics.com".into()),
+            _ => Some(format!("{n}-value")),
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(config.org_url, "https://contoso.crm4.dynamics.com");
         let debug = format!("{config:?}");
         assert!(!debug.contains("DATAVERSE_CLIENT_SECRET-value"), "{debug}");
     }
