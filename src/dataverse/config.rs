@@ -496,6 +496,7 @@ mod tests {
         assert!(!text.contains("s3cret"));
         let config = DataverseConfig::from_lookup(schema(), |n| match n {
             "DATAVERSE_URL" => Some("https://contoso.crm4.dynamics.com".into()),
+            "DATAVERSE_AUTHORITY" => None,
             _ => Some(format!("{n}-value")),
         })
         .unwrap()
