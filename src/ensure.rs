@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::hydration::HydrationPolicy;
 use crate::key::EntityRef;
-use crate::store::{Ensured, RecordStore};
+use crate::store::{Ensured, RecordStore, Write, WriteOutcome};
 
 /// Makes records exist. Every [`RecordStore`] implements it; a store tunes it by overriding
 /// [`RecordStore::ensure_placeholders`].
@@ -32,53 +32,70 @@ impl<S: RecordStore + ?Sized> EnsureExists for S {
         references: &[EntityRef],
         policy: &dyn HydrationPolicy,
     ) -> EnsureReport {
-        let mut seen = HashSet::with_capacity(references.len());
-        let unique: Vec<&EntityRef> = references.iter().filter(|r| seen.insert(*r)).collect();
-
-        let mut results: Vec<Option<Result<Ensured>>> = Vec::with_capacity(unique.len());
-        let mut placeholders = Vec::with_capacity(unique.len());
-        for reference in &unique {
-            match policy.placeholder(reference) {
-                Ok(placeholder) => {
-                    placeholders.push(placeholder);
-                    results.push(None);
-                }
-                Err(err) => results.push(Some(Err(err))),
-            }
-        }
-        // No store call when there is nothing to ensure: for an HTTP store that would be a wasted request.
-        let created = if placeholders.is_empty() {
-            Vec::new()
-        } else {
-            self.ensure_placeholders(placeholders).await
-        };
-        let mut created = created.into_iter();
-        let items: Vec<EnsureItem> = unique
-            .into_iter()
-            .zip(results)
-            .map(|(reference, result)| EnsureItem {
-                reference: reference.clone(),
-                result: result.or_else(|| created.next()).unwrap_or_else(|| {
-                    Err(Error::Backend {
-                        backend: self.backend().to_owned(),
-                        message: "ensure_placeholders returned fewer results than placeholders"
-                            .into(),
-                        retryable: false,
-                        source: None,
-                    })
-                }),
-            })
-            .collect();
-        let report = EnsureReport { items };
-        tracing::debug!(
-            backend = self.backend(),
-            created = report.created().count(),
-            existed = report.existed().count(),
-            failed = report.failures().count(),
-            "ensured references"
-        );
-        report
+        ensure_then_write(self, references, policy, &[]).await.0
     }
+}
+
+/// Ensures `references` and applies `writes` in one [`RecordStore::ensure_then_write`] call (one round trip for
+/// a store that batches): de-duplicates the references, asks `policy` for each placeholder, and reports one item
+/// per distinct reference. No store call when there is nothing to ensure or write.
+pub(crate) async fn ensure_then_write<S: RecordStore + ?Sized>(
+    store: &S,
+    references: &[EntityRef],
+    policy: &dyn HydrationPolicy,
+    writes: &[Write],
+) -> (EnsureReport, Vec<Result<WriteOutcome>>) {
+    let mut seen = HashSet::with_capacity(references.len());
+    let unique: Vec<&EntityRef> = references.iter().filter(|r| seen.insert(*r)).collect();
+
+    let mut results: Vec<Option<Result<Ensured>>> = Vec::with_capacity(unique.len());
+    let mut placeholders = Vec::with_capacity(unique.len());
+    for reference in &unique {
+        match policy.placeholder(reference) {
+            Ok(placeholder) => {
+                placeholders.push(placeholder);
+                results.push(None);
+            }
+            Err(err) => results.push(Some(Err(err))),
+        }
+    }
+    // No store call when there is nothing to do: for an HTTP store that would be a wasted request.
+    let (created, written) = if placeholders.is_empty() && writes.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        store.ensure_then_write(placeholders, writes).await
+    };
+    let lost = |what: &str| Error::Backend {
+        backend: store.backend().to_owned(),
+        message: format!("ensure_then_write returned fewer results than {what}"),
+        retryable: false,
+        source: None,
+    };
+    let mut created = created.into_iter();
+    let items: Vec<EnsureItem> = unique
+        .into_iter()
+        .zip(results)
+        .map(|(reference, result)| EnsureItem {
+            reference: reference.clone(),
+            result: result
+                .or_else(|| created.next())
+                .unwrap_or_else(|| Err(lost("placeholders"))),
+        })
+        .collect();
+    let mut written = written.into_iter();
+    let written = writes
+        .iter()
+        .map(|_| written.next().unwrap_or_else(|| Err(lost("writes"))))
+        .collect();
+    let report = EnsureReport { items };
+    tracing::debug!(
+        backend = store.backend(),
+        created = report.created().count(),
+        existed = report.existed().count(),
+        failed = report.failures().count(),
+        "ensured references"
+    );
+    (report, written)
 }
 
 /// The outcome of ensuring one reference.

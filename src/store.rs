@@ -188,6 +188,28 @@ pub trait RecordStore: Send + Sync + Debug {
             })
             .collect()
     }
+
+    /// Ensures placeholders (as [`ensure_placeholders`](Self::ensure_placeholders)), then applies writes that
+    /// may refer to them (as [`write_batch`](Self::write_batch)). A store that can send both in one request
+    /// overrides it: the Dataverse adapter puts them in one `$batch`, placeholders first, so ensure-then-write
+    /// costs one round trip. Either part may be empty; an empty part makes no store call.
+    async fn ensure_then_write(
+        &self,
+        placeholders: Vec<Record>,
+        writes: &[Write],
+    ) -> (Vec<Result<Ensured>>, Vec<Result<WriteOutcome>>) {
+        let ensured = if placeholders.is_empty() {
+            Vec::new()
+        } else {
+            self.ensure_placeholders(placeholders).await
+        };
+        let written = if writes.is_empty() {
+            Vec::new()
+        } else {
+            self.write_batch(writes).await
+        };
+        (ensured, written)
+    }
 }
 
 macro_rules! forward_record_store {
@@ -208,6 +230,13 @@ macro_rules! forward_record_store {
             }
             async fn ensure_placeholders(&self, placeholders: Vec<Record>) -> Vec<Result<Ensured>> {
                 (**self).ensure_placeholders(placeholders).await
+            }
+            async fn ensure_then_write(
+                &self,
+                placeholders: Vec<Record>,
+                writes: &[Write],
+            ) -> (Vec<Result<Ensured>>, Vec<Result<WriteOutcome>>) {
+                (**self).ensure_then_write(placeholders, writes).await
             }
         }
     )*};

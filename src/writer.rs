@@ -1,5 +1,6 @@
 //! [`EnsuringWriter`]: the ensure-then-write orchestrator.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::num::NonZeroUsize;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
-use crate::ensure::{EnsureExists, EnsureReport};
+use crate::ensure::{EnsureExists, EnsureReport, ensure_then_write};
 use crate::error::{Error, Result};
 use crate::guard::{Guarded, HydrationHooks};
 use crate::hydration::{HydrationPolicy, Policies};
@@ -182,10 +183,42 @@ impl EnsuringWriter {
                 }
             }
             let (order, targets) = plan(&writes);
-            let mut ensured = self.ensure(&targets).await;
             let mut results: Vec<Option<Result<WriteOutcome>>> = vec![None; writes.len()];
-            let ready = self.skip_unensured(&writes, order, &ensured, &mut results);
-            let retry = self.write_in_chunks(&writes, &ready, &mut results).await;
+            // The placeholders go out with the first chunk of writes in one store call: one round trip for a
+            // store that batches, and the store applies them first.
+            let (first, rest) = order.split_at(order.len().min(self.batch_size.get()));
+            let (mut ensured, written) = ensure_then_write(
+                &*self.store,
+                &targets,
+                &*self.policy,
+                &gather(&writes, first),
+            )
+            .await;
+            let failed: HashMap<&EntityRef, &Error> = ensured.failures().collect();
+            let mut retry = Vec::new();
+            for (&i, result) in first.iter().zip(written) {
+                // Same rules as later chunks: a target that could not be ensured is the reason to report; a
+                // vanished target or a placeholder-held key is worth the one retry.
+                let result = match result {
+                    Err(err @ Error::MissingReference { .. }) => {
+                        match unensured(&writes[i].record, &failed) {
+                            Some(not_ensured) => Err(not_ensured),
+                            None => {
+                                retry.push(i);
+                                Err(err)
+                            }
+                        }
+                    }
+                    Err(err @ Error::DuplicateKey { .. }) => {
+                        retry.push(i);
+                        Err(err)
+                    }
+                    other => other,
+                };
+                results[i] = Some(result);
+            }
+            let ready = self.skip_unensured(&writes, rest.to_vec(), &ensured, &mut results);
+            retry.extend(self.write_in_chunks(&writes, &ready, &mut results).await);
             if !retry.is_empty() {
                 self.retry_once(&writes, retry, &mut ensured, &mut results)
                     .await;
@@ -235,22 +268,12 @@ impl EnsuringWriter {
         }
         order
             .into_iter()
-            .filter(|&i| {
-                let record = &writes[i].record;
-                let Some((field, target, err)) = record
-                    .lookups
-                    .iter()
-                    .find_map(|(f, t)| failed.get(t).map(|e| (f, t, *e)))
-                else {
-                    return true;
-                };
-                results[i] = Some(Err(Error::ReferenceNotEnsured {
-                    reference: Box::new(record.reference.clone()),
-                    field: field.clone(),
-                    target: Box::new(target.clone()),
-                    source: Box::new(err.clone()),
-                }));
-                false
+            .filter(|&i| match unensured(&writes[i].record, &failed) {
+                Some(err) => {
+                    results[i] = Some(Err(err));
+                    false
+                }
+                None => true,
             })
             .collect()
     }
@@ -264,17 +287,11 @@ impl EnsuringWriter {
         results: &mut [Option<Result<WriteOutcome>>],
     ) -> Vec<usize> {
         let mut retry = Vec::new();
-        let contiguous = indices.iter().enumerate().all(|(pos, &i)| pos == i);
         for chunk in indices.chunks(self.batch_size.get()) {
-            // Reordered batches are gathered into a new vector; the common in-order case borrows the input.
-            let gathered: Vec<Write>;
-            let batch: &[Write] = if contiguous {
-                &writes[chunk[0]..=chunk[chunk.len() - 1]]
-            } else {
-                gathered = chunk.iter().map(|&i| writes[i].clone()).collect();
-                &gathered
-            };
-            for (&i, result) in chunk.iter().zip(self.store.write_batch(batch).await) {
+            for (&i, result) in chunk
+                .iter()
+                .zip(self.store.write_batch(&gather(writes, chunk)).await)
+            {
                 if matches!(
                     result,
                     Err(Error::MissingReference { .. } | Error::DuplicateKey { .. })
@@ -379,6 +396,33 @@ impl EnsuringWriter {
             source: None,
         }
     }
+}
+
+/// The writes at `indices`: borrowed when they are a contiguous run of the input (the common in-order case),
+/// gathered into a new vector when the batch was reordered.
+fn gather<'a>(writes: &'a [Write], indices: &[usize]) -> Cow<'a, [Write]> {
+    let contiguous = indices.windows(2).all(|w| w[1] == w[0] + 1);
+    match (indices.first(), indices.last()) {
+        (Some(&first), Some(&last)) if contiguous => Cow::Borrowed(&writes[first..=last]),
+        _ => Cow::Owned(indices.iter().map(|&i| writes[i].clone()).collect()),
+    }
+}
+
+/// [`Error::ReferenceNotEnsured`] for a record with a lookup target that could not be ensured.
+fn unensured(record: &Record, failed: &HashMap<&EntityRef, &Error>) -> Option<Error> {
+    if failed.is_empty() {
+        return None;
+    }
+    let (field, target, err) = record
+        .lookups
+        .iter()
+        .find_map(|(f, t)| failed.get(t).map(|e| (f, t, *e)))?;
+    Some(Error::ReferenceNotEnsured {
+        reference: Box::new(record.reference.clone()),
+        field: field.clone(),
+        target: Box::new(target.clone()),
+        source: Box::new(err.clone()),
+    })
 }
 
 /// Decides the write order and which lookup targets need ensuring.

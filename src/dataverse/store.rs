@@ -314,21 +314,38 @@ impl RecordStore for DataverseStore {
     }
 
     async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
-        self.inner.write_batch(writes).await
+        self.inner
+            .write_batch(writes, distinct_addresses(writes))
+            .await
     }
 
     async fn ensure_placeholders(&self, placeholders: Vec<Record>) -> Vec<Result<Ensured>> {
-        let writes: Vec<Write> = placeholders.into_iter().map(Write::create_only).collect();
-        self.inner
-            .write_batch(&writes)
-            .await
+        self.ensure_then_write(placeholders, &[]).await.0
+    }
+
+    /// Placeholders (create-only) and then the writes, in the same `$batch` requests: the service runs the
+    /// operations of a batch in order, so the placeholders exist before the writes that refer to them.
+    async fn ensure_then_write(
+        &self,
+        placeholders: Vec<Record>,
+        writes: &[Write],
+    ) -> (Vec<Result<Ensured>>, Vec<Result<WriteOutcome>>) {
+        let ensures = placeholders.len();
+        let mut all: Vec<Write> = placeholders.into_iter().map(Write::create_only).collect();
+        all.extend_from_slice(writes);
+        // Chunks may only run side by side when no write depends on a placeholder from another chunk.
+        let parallel = ensures == 0 && distinct_addresses(writes);
+        let mut results = self.inner.write_batch(&all, parallel).await;
+        let written = results.split_off(ensures.min(results.len()));
+        let ensured = results
             .into_iter()
             .map(|result| match result {
                 Ok(outcome) => Ok(Ensured::Created { id: outcome.id }),
                 Err(Error::AlreadyExists { .. }) => Ok(Ensured::Existed),
                 Err(err) => Err(err),
             })
-            .collect()
+            .collect();
+        (ensured, written)
     }
 }
 
@@ -711,7 +728,7 @@ impl Inner {
 
     /// Batched writes: validated locally, then sent as `$batch` chunks of independent operations. Placeholder
     /// upserts that are not create-only take the exact path (they must not mark an existing record).
-    async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
+    async fn write_batch(&self, writes: &[Write], parallel: bool) -> Vec<Result<WriteOutcome>> {
         let mut results: Vec<Option<Result<WriteOutcome>>> =
             (0..writes.len()).map(|_| None).collect();
         let mut batched: Vec<(usize, Operation)> = Vec::with_capacity(writes.len());
@@ -738,14 +755,10 @@ impl Inner {
                 }
             }
         }
-        let responses = self
-            .run_batches(
-                batched.iter().map(|(_, op)| op.clone()).collect(),
-                distinct_addresses(writes),
-            )
-            .await;
+        let (indices, operations): (Vec<usize>, Vec<Operation>) = batched.into_iter().unzip();
+        let responses = self.run_batches(operations, parallel).await;
         let mut clears = Vec::new();
-        for ((i, _), response) in batched.iter().zip(responses) {
+        for (i, response) in indices.iter().zip(responses) {
             let write = &writes[*i];
             let result = match response {
                 Err(e) => Err(e),
@@ -1105,7 +1118,7 @@ impl Inner {
                     .iter()
                     .map(|&i| Write::upsert(records[i].clone()))
                     .collect();
-                let outcomes = self.write_batch(&writes).await;
+                let outcomes = self.write_batch(&writes, distinct_addresses(&writes)).await;
                 for (&i, outcome) in indices.iter().zip(outcomes) {
                     results[i] = Some(outcome.map(|_| ()));
                 }
