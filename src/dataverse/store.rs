@@ -261,6 +261,56 @@ impl DataverseStore {
         self.inner.bulk_upsert(records).await
     }
 
+    /// Every record of a table, following the service's paging (`@odata.nextLink`, 5,000 rows per page). For
+    /// verification, tools and small tables; a sync reads changes instead.
+    pub async fn records(&self, table: &TableName) -> Result<Vec<StoredRecord>> {
+        let inner = &self.inner;
+        let info = inner.table(table)?;
+        let context = inner.context(None, None);
+        let mut path = info.read_path_collection();
+        let mut records = Vec::new();
+        loop {
+            let request =
+                Request::new(Method::GET, path, "query").header("Prefer", "odata.maxpagesize=5000");
+            let response = inner.execute(request, &context).await?;
+            if response.status != 200 {
+                return Err(inner.error(&response, &context));
+            }
+            let mut page = response.json(self.backend())?;
+            let rows = match page.get_mut("value").map(Value::take) {
+                Some(Value::Array(rows)) => rows,
+                _ => {
+                    return Err(Error::Backend {
+                        backend: self.backend().to_owned(),
+                        message: format!(
+                            "table '{table}': a collection response without a value array"
+                        ),
+                        retryable: false,
+                        source: None,
+                    });
+                }
+            };
+            for row in rows {
+                records.push(info.stored(info.row(self.backend(), row)?)?);
+            }
+            match page.get("@odata.nextLink").and_then(Value::as_str) {
+                // The link is absolute; it is followed as given (Microsoft: never edit it).
+                Some(next) => match next.strip_prefix(inner.transport.root.as_str()) {
+                    Some(relative) => path = relative.to_owned(),
+                    None => {
+                        return Err(Error::Backend {
+                            backend: self.backend().to_owned(),
+                            message: format!("a next-page link outside the service root: {next}"),
+                            retryable: false,
+                            source: None,
+                        });
+                    }
+                },
+                None => return Ok(records),
+            }
+        }
+    }
+
     /// Deletes a record; `Ok(false)` if it did not exist. Not part of [`RecordStore`] (the pattern never deletes);
     /// here for cleaning up after tests and for tools.
     pub async fn delete(&self, reference: &EntityRef) -> Result<bool> {

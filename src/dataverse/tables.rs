@@ -89,6 +89,14 @@ impl TableInfo {
         }
     }
 
+    /// The path of a read of the whole table.
+    pub fn read_path_collection(&self) -> String {
+        match &self.read_select {
+            Some(select) => format!("{}?$select={select}", self.entity_set),
+            None => self.entity_set.clone(),
+        }
+    }
+
     /// `$select` of a write's representation: the id, and the state column when there is one.
     pub fn outcome_select(&self) -> String {
         match &self.state_column {
