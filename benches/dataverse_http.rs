@@ -98,10 +98,13 @@ fn store(emulator: &Emulator) -> BoxResult<DataverseStore> {
 }
 
 fn account(i: usize) -> BoxResult<Record> {
-    Ok(Record::builder(EntityRef::by_key("account", [("accountnumber", format!("A-{i:05}"))])?)
-        .field("name", format!("Account {i}"))
-        .field("telephone1", "+1 555 0100")
-        .build()?)
+    Ok(Record::builder(EntityRef::by_key(
+        "account",
+        [("accountnumber", format!("A-{i:05}"))],
+    )?)
+    .field("name", format!("Account {i}"))
+    .field("telephone1", "+1 555 0100")
+    .build()?)
 }
 
 struct Burst {
@@ -122,11 +125,17 @@ async fn lob_burst() -> BoxResult<Burst> {
     }
     let contacts: Vec<Record> = (0..CONTACTS)
         .map(|i| {
-            let parent = EntityRef::by_key("account", [("accountnumber", format!("A-{:05}", i % ACCOUNTS))])?;
-            Ok(Record::builder(EntityRef::by_key("contact", [("emailaddress1", format!("c{i}@example.com"))])?)
-                .field("fullname", format!("Contact {i}"))
-                .lookup("parentcustomerid", parent)
-                .build()?)
+            let parent = EntityRef::by_key(
+                "account",
+                [("accountnumber", format!("A-{:05}", i % ACCOUNTS))],
+            )?;
+            Ok(Record::builder(EntityRef::by_key(
+                "contact",
+                [("emailaddress1", format!("c{i}@example.com"))],
+            )?)
+            .field("fullname", format!("Contact {i}"))
+            .lookup("parentcustomerid", parent)
+            .build()?)
         })
         .collect::<BoxResult<_>>()?;
     let policy = Policies::builder()
@@ -135,7 +144,9 @@ async fn lob_burst() -> BoxResult<Burst> {
     let writer = EnsuringWriter::new(store).with_policy(policy);
     emulator.reset_counts();
     let started = Instant::now();
-    let report = writer.write_batch(contacts.into_iter().map(Into::into)).await;
+    let report = writer
+        .write_batch(contacts.into_iter().map(Into::into))
+        .await;
     let elapsed = started.elapsed();
     if let Some((i, err)) = report.failures().next() {
         return Err(format!("contact {i} failed: {err}").into());
@@ -163,7 +174,9 @@ async fn bulk_sync(records: usize, rounds: usize) -> BoxResult<Bulk> {
         let emulator = emulator().await?;
         let store = store(&emulator)?;
         // The probe for bulk support happens once per store; warm it up outside the measurement, as raw needs none.
-        store.supports_bulk(&eventual_upsert::TableName::new("account")?).await?;
+        store
+            .supports_bulk(&eventual_upsert::TableName::new("account")?)
+            .await?;
         let started = Instant::now();
         let report = store.bulk_upsert(&accounts).await;
         let elapsed = started.elapsed();
@@ -182,7 +195,10 @@ async fn bulk_sync(records: usize, rounds: usize) -> BoxResult<Bulk> {
 /// this work at the same parallelism (its `x-ms-dop-hint`, 4).
 async fn send_raw(emulator: &Emulator, records: usize) -> BoxResult<Duration> {
     let client = reqwest::Client::new();
-    let url = format!("{}accounts/Microsoft.Dynamics.CRM.UpsertMultiple", emulator.service_root());
+    let url = format!(
+        "{}accounts/Microsoft.Dynamics.CRM.UpsertMultiple",
+        emulator.service_root()
+    );
     let bodies: Vec<String> = (0..records)
         .collect::<Vec<_>>()
         .chunks(BULK_CHUNK)

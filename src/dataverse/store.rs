@@ -3,12 +3,16 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use std::future::Future;
+
 use async_trait::async_trait;
 use futures_util::{StreamExt, stream};
 use reqwest::Method;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::breaker::CircuitBreaker;
+use crate::correlation;
 use crate::dataverse::batch::{
     self, BatchRequest, Operation, OperationResponse, Part, ResponsePart,
 };
@@ -236,6 +240,25 @@ fn host_of(url: &str) -> &str {
 }
 
 impl DataverseStore {
+    /// Runs one logical operation in a span, with one correlation id for all of its requests: the caller's
+    /// ([`correlation::scope`](crate::correlation::scope)) or a new one.
+    async fn operation<T>(
+        &self,
+        name: &'static str,
+        records: usize,
+        work: impl Future<Output = T>,
+    ) -> T {
+        let id = correlation::current_or_new();
+        let span = tracing::info_span!(
+            "dataverse",
+            operation = name,
+            backend = %self.backend(),
+            records,
+            correlation = %id,
+        );
+        correlation::scope(id, work.instrument(span)).await
+    }
+
     /// Request counters (for tests and benchmarks).
     pub fn stats(&self) -> TransportStats {
         self.inner.transport.stats()
@@ -258,7 +281,8 @@ impl DataverseStore {
     /// [`write_batch`](RecordStore::write_batch) when you need created/updated or the hydration transition. A
     /// failing record fails its whole chunk (standard tables are all or nothing).
     pub async fn bulk_upsert(&self, records: &[Record]) -> BulkReport {
-        self.inner.bulk_upsert(records).await
+        let work = self.inner.bulk_upsert(records);
+        self.operation("bulk_upsert", records.len(), work).await
     }
 
     /// Every record of a table, following the service's paging (`@odata.nextLink`, 5,000 rows per page). For
@@ -342,31 +366,17 @@ impl RecordStore for DataverseStore {
     }
 
     async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
-        let table = self.inner.table(&reference.table)?;
-        if let Key::Alternate(key) = &reference.key {
-            table.schema.key_address(key)?;
-        }
-        let context = self.inner.context(Some(reference), None);
-        let request = Request::new(Method::GET, table.read_path(&reference.key), "read");
-        let response = self.inner.execute(request, &context).await?;
-        match response.status {
-            200 => {
-                let row = table.row(self.backend(), response.json(self.backend())?)?;
-                Ok(Some(table.stored(row)?))
-            }
-            404 => Ok(None),
-            _ => Err(self.inner.error(&response, &context)),
-        }
+        self.operation("read", 1, self.inner.read(reference)).await
     }
 
     async fn write(&self, write: &Write) -> Result<WriteOutcome> {
-        self.inner.write_exact(write).await
+        self.operation("write", 1, self.inner.write_exact(write))
+            .await
     }
 
     async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
-        self.inner
-            .write_batch(writes, distinct_addresses(writes))
-            .await
+        let work = self.inner.write_batch(writes, distinct_addresses(writes));
+        self.operation("write_batch", writes.len(), work).await
     }
 
     async fn ensure_placeholders(&self, placeholders: Vec<Record>) -> Vec<Result<Ensured>> {
@@ -385,7 +395,8 @@ impl RecordStore for DataverseStore {
         all.extend_from_slice(writes);
         // Chunks may only run side by side when no write depends on a placeholder from another chunk.
         let parallel = ensures == 0 && distinct_addresses(writes);
-        let mut results = self.inner.write_batch(&all, parallel).await;
+        let work = self.inner.write_batch(&all, parallel);
+        let mut results = self.operation("ensure_then_write", all.len(), work).await;
         let written = results.split_off(ensures.min(results.len()));
         let ensured = results
             .into_iter()
@@ -411,6 +422,24 @@ struct Applied {
 impl Inner {
     fn backend(&self) -> &str {
         &self.transport.name
+    }
+
+    async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
+        let table = self.table(&reference.table)?;
+        if let Key::Alternate(key) = &reference.key {
+            table.schema.key_address(key)?;
+        }
+        let context = self.context(Some(reference), None);
+        let request = Request::new(Method::GET, table.read_path(&reference.key), "read");
+        let response = self.execute(request, &context).await?;
+        match response.status {
+            200 => {
+                let row = table.row(self.backend(), response.json(self.backend())?)?;
+                Ok(Some(table.stored(row)?))
+            }
+            404 if is_missing_row(&response) => Ok(None),
+            _ => Err(self.error(&response, &context)),
+        }
     }
 
     fn table(&self, name: &TableName) -> Result<&TableInfo> {
