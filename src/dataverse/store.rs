@@ -1268,6 +1268,13 @@ impl Inner {
             );
             match body {
                 Ok(mut body) => {
+                    // The key values go in the body too: whether UpsertMultiple copies them from `@odata.id` into
+                    // a created row is not documented.
+                    if let Key::Alternate(key) = &record.reference.key {
+                        for (column, value) in key.parts() {
+                            body.entry(column.to_string()).or_insert_with(|| value.to_json());
+                        }
+                    }
                     body.insert(
                         "@odata.type".into(),
                         Value::String(format!("Microsoft.Dynamics.CRM.{}", table.name())),
