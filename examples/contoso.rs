@@ -11,6 +11,9 @@
 //! hydration hook. Each run has four phases: initial load, outage (the sync stops; US keeps changing and the LOB
 //! app keeps writing to EU), sync resumes (while EU throttles its first calls), verify.
 //!
+//! Both instances are Dataverse emulators on loopback, written through `DataverseStore` over HTTP (the whole
+//! scenario takes a few seconds); `cargo run --example contoso -- --memory` plays it on in-memory stores instead.
+//!
 //! `cargo run --example contoso` exits with status 1 if run 2 loses a LOB request or does not converge, or if
 //! run 1 loses none (then the scenario did not exercise missing references at all).
 
@@ -19,11 +22,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
+use eventual_upsert::dataverse::{DataverseConfig, DataverseStore, DataverseTable};
+use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::memory::{Fault, MemoryStore};
 use eventual_upsert::schema::{ColumnType, Schema, TableSchema};
 use eventual_upsert::{
     EnsuringWriter, EntityRef, Error, Guarded, HydratedRecord, Key, KeyKind, PlaceholderAction,
-    Policies, Proceed, Record, RecordStore, Result, TableName, TablePolicy, Write,
+    Policies, Proceed, Record, RecordStore, Result, RetryPolicy, StoredRecord, TableName,
+    TablePolicy, Write,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -90,16 +96,21 @@ fn contoso_policies() -> Result<Policies> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let http = !std::env::args().any(|a| a == "--memory");
     let data = Dataset::generate(SEED)?;
     let accounts = INITIAL_ACCOUNTS + OUTAGE_ACCOUNTS;
     let (contacts, requests) = (INITIAL_CONTACTS + OUTAGE_CONTACTS, data.lob.len());
+    let over = match http {
+        true => "Dataverse emulators on loopback, over HTTP",
+        false => "in-memory stores",
+    };
     println!(
-        "Contoso US → EU: {accounts} US accounts, {contacts} US contacts, {requests} LOB requests (seed {SEED:#x})"
+        "Contoso US → EU: {accounts} US accounts, {contacts} US contacts, {requests} LOB requests (seed {SEED:#x}; {over})"
     );
     println!("\nRun 1: plain writes");
-    let (lost, plain_ok) = run(false, &data).await?;
+    let (lost, plain_ok) = run(false, &data, http).await?;
     println!("\nRun 2: ensure-then-write");
-    let (_, ensured_ok) = run(true, &data).await?;
+    let (_, ensured_ok) = run(true, &data, http).await?;
     if !(plain_ok && ensured_ok) {
         println!("\nResult: FAILED (see the verdicts above).");
         std::process::exit(1);
@@ -112,12 +123,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Plays the whole story once, on fresh US and EU stores, and prints it. Returns how many LOB requests failed,
 /// and whether the run did what it must: lose LOB requests with plain writes, lose nothing with ensure-then-write.
-async fn run(ensure_then_write: bool, data: &Dataset) -> BoxResult<(usize, bool)> {
-    let schema = contoso_schema()?;
+async fn run(ensure_then_write: bool, data: &Dataset, http: bool) -> BoxResult<(usize, bool)> {
     let (queue, inbox) = mpsc::unbounded_channel();
-    let store = Arc::new(MemoryStore::new(schema.clone()).named("us"));
-    let us = Us { store, queue };
-    let eu_store = Arc::new(MemoryStore::new(schema).named("eu"));
+    let us_instance = Instance::start("us", http).await?;
+    let us = Us {
+        store: us_instance.store(),
+        queue,
+    };
+    let eu_instance = Instance::start("eu", http).await?;
+    let eu_store = eu_instance.store();
     let policies = Arc::new(contoso_policies()?);
     let eu = match ensure_then_write {
         false => Eu::Plain(eu_store.clone()),
@@ -166,16 +180,17 @@ async fn run(ensure_then_write: bool, data: &Dataset) -> BoxResult<(usize, bool)
     }
 
     // 3. The sync resumes and drains its queue, while EU throttles its first calls.
-    let (faults, retry_after) = (eu_store.faults(), RETRY_AFTER);
-    faults.fail_next(THROTTLED_CALLS, Fault::Throttled { retry_after });
+    eu_instance.throttle_next(THROTTLED_CALLS);
     let sync = tokio::spawn(worker.run());
     let resume = us.flush().await?;
     us.stop(sync).await?;
-    let (replicated, retried, rounds) = (resume.replicated, resume.retried, resume.rounds);
+    let (replicated, rounds) = (resume.replicated, resume.rounds);
+    // Over HTTP the store retries throttled requests itself (honouring Retry-After); in memory the worker does.
+    let retried = resume.retried + eu_instance.requests_retried();
     let errors = [load.errors, resume.errors].concat();
     let (error_count, s) = (errors.len(), if rounds == 1 { "" } else { "s" });
     println!(
-        "  3 sync resumes   {replicated} changes replicated; {retried} writes re-sent after throttling ({rounds} round{s}); {error_count} permanent errors"
+        "  3 sync resumes   {replicated} changes replicated; {retried} re-sent after throttling ({rounds} worker round{s}); {error_count} permanent errors"
     );
     for error in errors.iter().take(2) {
         println!("{PAD}! {error}");
@@ -192,8 +207,8 @@ async fn run(ensure_then_write: bool, data: &Dataset) -> BoxResult<(usize, bool)
     }
 
     // 4. Verify (reading EU as it is, without injected faults), then judge the run.
-    faults.restore();
-    let differences = verify(&us.store, &eu_store, &lob.accepted).await?;
+    eu_instance.restore();
+    let differences = verify(&us_instance, &eu_instance, &lob.accepted).await?;
     let placeholders = by_guid + by_number;
     let checks = [
         (failed == 0, "LOB requests failed"),
@@ -358,7 +373,11 @@ fn not_found(reference: &EntityRef) -> Error {
 }
 
 /// The number of the account that `record`'s `lookup` points at in `store` (`None` if it points nowhere).
-async fn parent_of(store: &MemoryStore, record: &Record, lookup: &str) -> Result<Option<String>> {
+async fn parent_of(
+    store: &dyn RecordStore,
+    record: &Record,
+    lookup: &str,
+) -> Result<Option<String>> {
     let Some(target) = record.lookups.get(lookup) else {
         return Ok(None);
     };
@@ -381,7 +400,7 @@ enum SyncMessage {
 
 /// The US instance: a store whose every write is published to the sync queue.
 struct Us {
-    store: Arc<MemoryStore>,
+    store: Arc<dyn RecordStore>,
     queue: mpsc::UnboundedSender<SyncMessage>,
 }
 
@@ -413,7 +432,7 @@ impl Us {
 #[derive(Clone, Debug)]
 enum Eu {
     /// Straight to the store: a write whose lookup target is missing fails.
-    Plain(Arc<MemoryStore>),
+    Plain(Arc<dyn RecordStore>),
     /// Missing lookup targets get a placeholder first. One writer for the sync and the LOB app, because hooks are
     /// in-process: the invoices the LOB app defers must be registered where the sync's hydrating writes go.
     Ensuring(EnsuringWriter),
@@ -430,7 +449,7 @@ struct SyncStats {
 /// The US → EU replication job: consumes US changes and writes them to EU under the same GUIDs.
 struct SyncWorker {
     inbox: mpsc::UnboundedReceiver<SyncMessage>,
-    us: Arc<MemoryStore>,
+    us: Arc<dyn RecordStore>,
     eu: Eu,
     stats: SyncStats,
 }
@@ -626,11 +645,12 @@ fn failure_reason(err: &Error) -> &'static str {
 // --- Verification ----------------------------------------------------------------------------------------------
 /// Checks that EU holds (a) no placeholder, (b) every US record with the same data, (c) every LOB write that
 /// succeeded, intact. Prints what it checked and the first differences; returns how many it found.
-async fn verify(us: &MemoryStore, eu: &MemoryStore, accepted: &[LobRequest]) -> BoxResult<usize> {
+async fn verify(us: &Instance, eu: &Instance, accepted: &[LobRequest]) -> BoxResult<usize> {
+    let (us_store, eu_store) = (us.store(), eu.store());
     let mut found = Vec::new();
     let mut left = 0;
     for table in [ACCOUNT, "contact", "salesorder"] {
-        let records = eu.records(&TableName::new(table)?)?;
+        let records = eu.records(table).await?;
         left += records.iter().filter(|r| r.record.is_placeholder()).count();
     }
     if left > 0 {
@@ -639,14 +659,14 @@ async fn verify(us: &MemoryStore, eu: &MemoryStore, accepted: &[LobRequest]) -> 
     // Each record EU must hold, with the number of the account its lookup (if any) must point at. Accounts are
     // found by number: those the LOB app referenced that way kept the EU GUID of their placeholder.
     let mut expected = Vec::new();
-    for account in us.records(&TableName::new(ACCOUNT)?)? {
+    for account in us.records(ACCOUNT).await? {
         let mut record = account.record;
         let number = number(&record).ok_or("a US account has no number")?;
         record.reference = account_by_number(number)?;
         expected.push((record, None));
     }
-    for contact in us.records(&TableName::new("contact")?)? {
-        let parent = parent_of(us, &contact.record, PARENT).await?;
+    for contact in us.records("contact").await? {
+        let parent = parent_of(&*us_store, &contact.record, PARENT).await?;
         expected.push((contact.record, parent));
     }
     let us_checked = expected.len();
@@ -655,7 +675,7 @@ async fn verify(us: &MemoryStore, eu: &MemoryStore, accepted: &[LobRequest]) -> 
     }
     for (record, parent) in &expected {
         let address = &record.reference;
-        let Some(actual) = eu.read(address).await? else {
+        let Some(actual) = eu_store.read(address).await? else {
             found.push(format!("{address} is missing in EU"));
             continue;
         };
@@ -666,7 +686,7 @@ async fn verify(us: &MemoryStore, eu: &MemoryStore, accepted: &[LobRequest]) -> 
             }
         }
         for lookup in record.lookups.keys() {
-            let got = parent_of(eu, &actual.record, lookup.as_str()).await?;
+            let got = parent_of(&*eu_store, &actual.record, lookup.as_str()).await?;
             if got != *parent {
                 found.push(format!(
                     "{address}: {lookup} is {got:?}, expected {parent:?}"
@@ -682,4 +702,104 @@ async fn verify(us: &MemoryStore, eu: &MemoryStore, accepted: &[LobRequest]) -> 
         println!("{PAD}! {difference}");
     }
     Ok(differences)
+}
+
+// --- The instances ---------------------------------------------------------------------------------------------
+/// One Contoso instance: a Dataverse emulator on loopback written through `DataverseStore` (the default), or an
+/// in-memory store (`--memory`). The scenario only sees a `RecordStore`; these methods are its test harness.
+enum Instance {
+    Http {
+        store: Arc<DataverseStore>,
+        // Kept alive for the run: dropping it stops the server.
+        emulator: Emulator,
+    },
+    Memory(Arc<MemoryStore>),
+}
+
+/// The boolean column that records, in Dataverse, whether a row is a placeholder.
+const STATE_COLUMN: &str = "new_isplaceholder";
+
+impl Instance {
+    async fn start(name: &str, http: bool) -> BoxResult<Self> {
+        let schema = contoso_schema()?;
+        if !http {
+            return Ok(Self::Memory(Arc::new(MemoryStore::new(schema).named(name))));
+        }
+        let emulator = Emulator::start(
+            EmulatorConfig::new()
+                .table(EmulatedTable::accounts())
+                .table(EmulatedTable::contacts())
+                .table(
+                    EmulatedTable::new("salesorder", "salesorders", "salesorderid", "name")
+                        .alternate_key(&["ordernumber"])
+                        .lookup("customerid_account", CUSTOMER, ACCOUNT),
+                ),
+        )
+        .await?;
+        let store = DataverseConfig::new(emulator.base_url(), schema)
+            .with_name(name)
+            .with_retry(RetryPolicy {
+                initial_backoff: BASE_BACKOFF,
+                ..RetryPolicy::default()
+            })
+            .with_table(DataverseTable::new(ACCOUNT).with_state_column(STATE_COLUMN))
+            .with_table(
+                DataverseTable::new("contact")
+                    .with_navigation(PARENT, "parentcustomerid_account")
+                    .with_state_column(STATE_COLUMN),
+            )
+            .with_table(
+                DataverseTable::new("salesorder")
+                    .with_navigation(CUSTOMER, "customerid_account")
+                    .with_state_column(STATE_COLUMN),
+            )
+            .build()?;
+        Ok(Self::Http {
+            store: Arc::new(store),
+            emulator,
+        })
+    }
+
+    fn store(&self) -> Arc<dyn RecordStore> {
+        match self {
+            Self::Http { store, .. } => store.clone(),
+            Self::Memory(store) => store.clone(),
+        }
+    }
+
+    async fn records(&self, table: &str) -> BoxResult<Vec<StoredRecord>> {
+        let table = TableName::new(table)?;
+        Ok(match self {
+            Self::Http { store, .. } => store.records(&table).await?,
+            Self::Memory(store) => store.records(&table)?,
+        })
+    }
+
+    /// The instance throttles its next `calls` calls (HTTP: 429 with `Retry-After`).
+    fn throttle_next(&self, calls: u32) {
+        match self {
+            Self::Http { emulator, .. } => emulator.faults().fail_next(calls, 429),
+            Self::Memory(store) => store.faults().fail_next(
+                calls,
+                Fault::Throttled {
+                    retry_after: RETRY_AFTER,
+                },
+            ),
+        }
+    }
+
+    fn restore(&self) {
+        match self {
+            Self::Http { emulator, .. } => emulator.faults().clear(),
+            Self::Memory(store) => store.faults().restore(),
+        }
+    }
+
+    /// Requests the store itself sent again after a transient failure.
+    fn requests_retried(&self) -> usize {
+        match self {
+            Self::Http { store, .. } => store.stats().retries as usize,
+            Self::Memory(_) => 0,
+        }
+    }
 }

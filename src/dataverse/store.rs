@@ -1272,7 +1272,8 @@ impl Inner {
                     // a created row is not documented.
                     if let Key::Alternate(key) = &record.reference.key {
                         for (column, value) in key.parts() {
-                            body.entry(column.to_string()).or_insert_with(|| value.to_json());
+                            body.entry(column.to_string())
+                                .or_insert_with(|| value.to_json());
                         }
                     }
                     body.insert(
