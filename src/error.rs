@@ -76,6 +76,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A sync change event is malformed or cannot be applied as it stands: it does not parse, has a schema version
+    /// this build does not read, or carries a value the consumer's mapping does not know. Retrying the same event
+    /// cannot help; the sync dead-letters it with this reason.
+    #[error("invalid change event{}: {reason}", event_id.as_ref().map(|id| format!(" '{id}'")).unwrap_or_default())]
+    InvalidEvent {
+        /// The event's id, when it could be read.
+        event_id: Option<String>,
+        /// What is wrong, naming the field where there is one.
+        reason: String,
+    },
+
     /// The store has no such table.
     #[error("unknown table '{table}'")]
     UnknownTable {

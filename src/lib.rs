@@ -59,6 +59,9 @@
 //! * [`EnsuringWriter`]: the orchestrator, one record or batches.
 //! * [`RetryPolicy`] and [`CircuitBreaker`]: backoff that honours `Retry-After`, and fail-fast for a store that is
 //!   down.
+//! * [`sync`]: the sync pipeline's foundation: versioned change events, the [`Ledger`](sync::Ledger) of processed
+//!   events, checkpoints, dead letters and the external-id map, per-consumer field [`Mapping`](sync::Mapping), and
+//!   the statistics every run must add up to.
 //!
 //! ## Feature flags
 //!
@@ -89,6 +92,7 @@ mod record;
 mod retry;
 pub mod schema;
 mod store;
+pub mod sync;
 mod writer;
 
 #[cfg(feature = "memory")]
