@@ -58,7 +58,11 @@ impl DeadLetter {
             correlation_id: event.correlation_id,
             event,
             error: error.to_string(),
-            retryable: error.is_retryable(),
+            // Retries that ran out still mean a transient cause: a replay may succeed without any fix.
+            retryable: match error {
+                Error::RetriesExhausted { source, .. } => source.is_retryable(),
+                other => other.is_retryable(),
+            },
             attempts,
             first_failed_ms: now_ms,
             last_failed_ms: now_ms,

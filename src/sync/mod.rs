@@ -34,6 +34,7 @@
 //! `applied + duplicate + stale + echo + dead_lettered == received + replayed` ([`SyncStats::is_accounted`];
 //! [`SyncStats`] explains why).
 
+mod applier;
 mod event;
 mod ledger;
 mod mapping;
@@ -42,6 +43,7 @@ mod stats;
 #[cfg(feature = "conformance")]
 pub mod ledger_conformance;
 
+pub use applier::{Applier, ApplierBuilder, Disposition, ReplayReport};
 pub use event::{ChangeEvent, ChangeKind, SCHEMA_VERSION};
 pub use ledger::{DeadLetter, Ledger, LedgerSnapshot, MemoryLedger, SourceRecord};
 pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};

@@ -1,0 +1,565 @@
+//! [`Applier`]: writes change events into a target store, idempotently, in order, hydrating placeholders, and
+//! settles every event (applied, skipped with a reason, or dead-lettered).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::breaker::{BreakerConfig, CircuitBreaker};
+use crate::correlation;
+use crate::error::{Error, Result};
+use crate::key::{EntityRef, Key};
+use crate::name::{ColumnName, IntoName, TableName};
+use crate::record::{HydrationState, Record};
+use crate::retry::RetryPolicy;
+use crate::schema::Schema;
+use crate::store::{Precondition, RecordStore, Write, WriteOutcome};
+use crate::sync::{
+    ChangeEvent, Counter, DeadLetter, Ledger, Mapping, SourceRecord, SyncCounters, SyncStats,
+};
+use crate::writer::EnsuringWriter;
+
+/// What became of one event.
+#[derive(Clone, Debug)]
+pub enum Disposition {
+    /// Written to the target.
+    Applied(WriteOutcome),
+    /// Skipped: this event (or this record at this version) was already processed.
+    Duplicate,
+    /// Skipped: a newer version of the record was already applied.
+    Stale {
+        /// The version already applied.
+        applied: u64,
+    },
+    /// Skipped: the integration's own write coming back (two-way sync).
+    Echo,
+    /// Given up on: written to the dead-letter queue with this error.
+    DeadLettered(Error),
+}
+
+/// What a [`replay`](Applier::replay_dead_letters) did.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    /// Letters whose event settled (and that were removed from the queue).
+    pub replayed: usize,
+    /// Letters that failed again and stay, with the new error.
+    pub failed: Vec<(String, Error)>,
+}
+
+/// Settings of an [`Applier`], built with [`Applier::builder`].
+#[derive(Debug)]
+pub struct ApplierBuilder {
+    writer: EnsuringWriter,
+    ledger: Arc<dyn Ledger>,
+    mapping: Mapping,
+    identity: String,
+    ignored_origins: BTreeSet<String>,
+    origin_column: Option<ColumnName>,
+    mapped_tables: BTreeSet<TableName>,
+    retry: RetryPolicy,
+    breaker: BreakerConfig,
+    check_target: bool,
+    error: Option<Error>,
+}
+
+impl ApplierBuilder {
+    /// Field mapping and ownership for this consumer (default: none, events pass through unchanged).
+    pub fn mapping(mut self, mapping: Mapping) -> Self {
+        self.mapping = mapping;
+        self
+    }
+
+    /// The integration's identity (default `eventual-upsert`): stamped into the origin column of every write, and
+    /// events whose origin is this identity are skipped as echoes.
+    pub fn identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = identity.into();
+        self
+    }
+
+    /// Also skip events made by this identity (the other direction of a two-way sync).
+    pub fn ignore_origin(mut self, origin: impl Into<String>) -> Self {
+        self.ignored_origins.insert(origin.into());
+        self
+    }
+
+    /// The target column that records who made a write; the applier sets it to its identity, so that a change
+    /// source reading the target can tell the integration's own writes (loop prevention).
+    pub fn origin_column(mut self, column: impl IntoName<ColumnName>) -> Self {
+        match column.into_name() {
+            Ok(c) => self.origin_column = Some(c),
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// Records of this (source) table share no key with the target: the applier gives each one a target GUID on
+    /// first sight and keeps the pair in the ledger's external-id map, for the record and for lookups to it.
+    pub fn mapped_table(mut self, table: impl IntoName<TableName>) -> Self {
+        match table.into_name() {
+            Ok(t) => {
+                self.mapped_tables.insert(t);
+            }
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// How transient store failures are retried before an event is dead-lettered.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The circuit breaker in front of the target: while it is open, events wait (they are not dead-lettered).
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// Whether to read the target record before each write and skip the event if the target already holds a
+    /// newer source version (default true). This closes the window in which a worker crashed after writing but
+    /// before recording the write in the ledger; it costs a read per event. The write is then conditional on the
+    /// version read, so a concurrent writer cannot slip in between.
+    pub fn check_target_version(mut self, check: bool) -> Self {
+        self.check_target = check;
+        self
+    }
+
+    /// Validates the settings (and the mapping against the target schema, when given).
+    pub fn build(self, target_schema: Option<&Schema>) -> Result<Applier> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        self.retry.validate()?;
+        if let Some(schema) = target_schema {
+            self.mapping.validate(schema)?;
+        }
+        let mut ignored = self.ignored_origins;
+        ignored.insert(self.identity.clone());
+        Ok(Applier {
+            breaker: Arc::new(CircuitBreaker::new(
+                self.writer.store().backend().to_owned(),
+                self.breaker,
+            )),
+            writer: self.writer,
+            ledger: self.ledger,
+            mapping: Arc::new(self.mapping),
+            identity: self.identity,
+            ignored_origins: Arc::new(ignored),
+            origin_column: self.origin_column,
+            mapped_tables: Arc::new(self.mapped_tables),
+            retry: self.retry,
+            check_target: self.check_target,
+            counters: Arc::new(SyncCounters::new()),
+        })
+    }
+}
+
+/// Applies change events to a target through an [`EnsuringWriter`], keeping its state in a [`Ledger`].
+///
+/// For each event, in this order:
+///
+/// 1. **Echo**: an event made by this integration (or another ignored identity) is skipped.
+/// 2. **Duplicate**: an event id already processed, or a record already applied at this version, is skipped.
+/// 3. **Stale**: an older version than the one applied is skipped, never written.
+/// 4. **Mapping**: renames, value maps, defaults and field ownership; an event that cannot be mapped is
+///    dead-lettered with the reason.
+/// 5. **Keys**: for [mapped tables](ApplierBuilder::mapped_table), the record and its lookups are translated
+///    through the external-id map (new target GUIDs are remembered before anything is written).
+/// 6. **Write**: through the writer, so the event's lookups are ensured first (a contact synced before its
+///    account gets a placeholder account, hydrated when the account's event arrives; hydration hooks fire once).
+///    Transient failures are retried; while the circuit is open the event waits; a failure that persists, or a
+///    permanent one, dead-letters the event with its payload.
+///
+/// Every event settles exactly once and is counted ([`stats`](Self::stats)). The applier processes the events it
+/// is given one after the other; run one applier per target (records of one source must not be applied
+/// concurrently by two appliers).
+#[derive(Clone, Debug)]
+pub struct Applier {
+    writer: EnsuringWriter,
+    ledger: Arc<dyn Ledger>,
+    mapping: Arc<Mapping>,
+    identity: String,
+    ignored_origins: Arc<BTreeSet<String>>,
+    origin_column: Option<ColumnName>,
+    mapped_tables: Arc<BTreeSet<TableName>>,
+    retry: RetryPolicy,
+    breaker: Arc<CircuitBreaker>,
+    check_target: bool,
+    counters: Arc<SyncCounters>,
+}
+
+/// What the write step found.
+enum Written {
+    Applied(WriteOutcome),
+    /// The target already holds this version or a newer one.
+    TargetAhead(u64),
+}
+
+impl Applier {
+    /// Starts configuring an applier that writes through `writer` and keeps its state in `ledger`.
+    pub fn builder(writer: EnsuringWriter, ledger: Arc<dyn Ledger>) -> ApplierBuilder {
+        ApplierBuilder {
+            writer,
+            ledger,
+            mapping: Mapping::default(),
+            identity: "eventual-upsert".into(),
+            ignored_origins: BTreeSet::new(),
+            origin_column: None,
+            mapped_tables: BTreeSet::new(),
+            retry: RetryPolicy::default(),
+            breaker: BreakerConfig::default(),
+            check_target: true,
+            error: None,
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> SyncStats {
+        self.counters.snapshot()
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
+    }
+
+    /// The writer (its hooks fire on hydration).
+    pub fn writer(&self) -> &EnsuringWriter {
+        &self.writer
+    }
+
+    /// Applies one event and says what became of it. `Err` only when the ledger itself failed (after retries):
+    /// the event is then not settled, and the caller should stop and let it be redelivered.
+    pub async fn apply(&self, event: ChangeEvent) -> Result<Disposition> {
+        self.counters.incr(Counter::Received);
+        let span = tracing::info_span!(
+            "sync_event",
+            event = %event.event_id,
+            table = %event.table,
+            version = event.source_version,
+            correlation = %event.correlation_id,
+        );
+        let correlation_id = event.correlation_id;
+        let disposition =
+            correlation::scope(correlation_id, self.settle(event, false).instrument(span)).await?;
+        Ok(disposition)
+    }
+
+    /// Applies events one after the other; stops at the first ledger failure.
+    pub async fn apply_all(
+        &self,
+        events: impl IntoIterator<Item = ChangeEvent>,
+    ) -> Result<Vec<Disposition>> {
+        let mut out = Vec::new();
+        for event in events {
+            out.push(self.apply(event).await?);
+        }
+        Ok(out)
+    }
+
+    /// Re-applies up to `limit` dead letters, oldest first (after a fix: a mapping corrected, a target back). A
+    /// letter whose event now settles is removed; one that fails again stays, with its attempts updated.
+    pub async fn replay_dead_letters(&self, limit: usize) -> Result<ReplayReport> {
+        let letters = self.ledger_call(|| self.ledger.dead_letters(limit)).await?;
+        let mut report = ReplayReport::default();
+        for letter in letters {
+            let event_id = letter.event.event_id.clone();
+            let correlation_id = letter.event.correlation_id;
+            let span =
+                tracing::info_span!("replay", event = %event_id, correlation = %correlation_id);
+            let disposition = correlation::scope(
+                correlation_id,
+                self.settle(letter.event, true).instrument(span),
+            )
+            .await?;
+            match disposition {
+                Disposition::DeadLettered(error) => report.failed.push((event_id, error)),
+                _ => {
+                    self.ledger_call(|| self.ledger.remove_dead_letter(&event_id))
+                        .await?;
+                    self.counters.incr(Counter::Replayed);
+                    report.replayed += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn settle(&self, event: ChangeEvent, replay: bool) -> Result<Disposition> {
+        let source = event.source_record();
+        if event
+            .origin
+            .as_ref()
+            .is_some_and(|o| self.ignored_origins.contains(o))
+        {
+            return self
+                .skip(&event, &source, Counter::Echo, Disposition::Echo)
+                .await;
+        }
+        if !replay
+            && self
+                .ledger_call(|| self.ledger.is_processed(&event.event_id))
+                .await?
+        {
+            self.counters.incr(Counter::Duplicate);
+            return Ok(Disposition::Duplicate);
+        }
+        if let Some(applied) = self
+            .ledger_call(|| self.ledger.applied_version(&source))
+            .await?
+            && applied >= event.source_version
+        {
+            return match applied == event.source_version {
+                true => {
+                    self.skip(&event, &source, Counter::Duplicate, Disposition::Duplicate)
+                        .await
+                }
+                false => {
+                    self.skip(
+                        &event,
+                        &source,
+                        Counter::Stale,
+                        Disposition::Stale { applied },
+                    )
+                    .await
+                }
+            };
+        }
+        let (write, attempts) = match self.prepare(&event).await {
+            Ok(record) => {
+                let result = self.write(record).await;
+                (result.0, result.1)
+            }
+            Err(PrepareError::Ledger(e)) => return Err(e),
+            Err(PrepareError::Event(e)) => (Err(e), 0),
+        };
+        match write {
+            Ok(Written::Applied(outcome)) => {
+                self.counters.incr(Counter::Applied);
+                if outcome.became_hydrated()
+                    && outcome.previous_state == Some(HydrationState::Placeholder)
+                {
+                    self.counters.incr(Counter::Hydrated);
+                }
+                let version = Some(event.source_version);
+                self.ledger_call(|| {
+                    self.ledger
+                        .record_processed(&event.event_id, &source, version)
+                })
+                .await?;
+                tracing::debug!(change = ?outcome.change, "applied");
+                Ok(Disposition::Applied(outcome))
+            }
+            Ok(Written::TargetAhead(applied)) => {
+                // The target is ahead of the ledger (a write whose ledger entry was lost): catch the ledger up.
+                let version = Some(applied);
+                self.ledger_call(|| {
+                    self.ledger
+                        .record_processed(&event.event_id, &source, version)
+                })
+                .await?;
+                let disposition = match applied == event.source_version {
+                    true => Disposition::Duplicate,
+                    false => Disposition::Stale { applied },
+                };
+                self.counters.incr(match &disposition {
+                    Disposition::Duplicate => Counter::Duplicate,
+                    _ => Counter::Stale,
+                });
+                Ok(disposition)
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, attempts, "dead-lettering the event");
+                let letter = DeadLetter::new(event.clone(), &error, attempts, now_ms());
+                self.ledger_call(|| self.ledger.add_dead_letter(letter.clone()))
+                    .await?;
+                if !replay {
+                    self.ledger_call(|| {
+                        self.ledger.record_processed(&event.event_id, &source, None)
+                    })
+                    .await?;
+                }
+                self.counters.incr(Counter::DeadLettered);
+                Ok(Disposition::DeadLettered(error))
+            }
+        }
+    }
+
+    async fn skip(
+        &self,
+        event: &ChangeEvent,
+        source: &SourceRecord,
+        counter: Counter,
+        disposition: Disposition,
+    ) -> Result<Disposition> {
+        self.ledger_call(|| self.ledger.record_processed(&event.event_id, source, None))
+            .await?;
+        self.counters.incr(counter);
+        tracing::debug!(outcome = counter.name(), "skipped");
+        Ok(disposition)
+    }
+
+    /// The target record for an event: mapped, keys translated, origin stamped.
+    async fn prepare(&self, event: &ChangeEvent) -> std::result::Result<Record, PrepareError> {
+        if event.is_delete() {
+            return Err(PrepareError::Event(Error::InvalidEvent {
+                event_id: Some(event.event_id.clone()),
+                reason: "delete events are not applied: RecordStore has no delete; handle them out of band".into(),
+            }));
+        }
+        let mut record = self.mapping.apply(event).map_err(PrepareError::Event)?;
+        if self.mapped_tables.contains(&event.table) {
+            let source = event.source_record();
+            record.reference = self.target_of(&source, record.table()).await?;
+        }
+        let lookups: Vec<(ColumnName, EntityRef)> = record
+            .lookups
+            .iter()
+            .map(|(c, t)| (c.clone(), t.clone()))
+            .collect();
+        for (column, target) in lookups {
+            let Some(source_target) = event.lookups.iter().find_map(|(_, t)| {
+                // The event addresses lookup targets with source keys; find the one this lookup came from.
+                (self.mapping.map_reference(t).ok().as_ref() == Some(&target)).then(|| t.clone())
+            }) else {
+                continue;
+            };
+            if self.mapped_tables.contains(&source_target.table) {
+                let source = SourceRecord::new(event.source.clone(), source_target);
+                let translated = self.target_of(&source, &target.table).await?;
+                record.lookups.insert(column, translated);
+            }
+        }
+        if let Some(column) = &self.origin_column {
+            record
+                .fields
+                .insert(column.clone(), self.identity.clone().into());
+        }
+        record.source_version = Some(event.source_version);
+        record.state = HydrationState::Hydrated;
+        Ok(record)
+    }
+
+    /// The target address of a source record of a mapped table; a new GUID is allocated and remembered on first
+    /// sight, before anything is written, so a crash cannot leave two target records for one source record.
+    async fn target_of(
+        &self,
+        source: &SourceRecord,
+        target_table: &TableName,
+    ) -> std::result::Result<EntityRef, PrepareError> {
+        if let Some(target) = self
+            .ledger_call(|| self.ledger.target_of(source))
+            .await
+            .map_err(PrepareError::Ledger)?
+        {
+            return Ok(target);
+        }
+        let target = EntityRef {
+            table: target_table.clone(),
+            key: Key::Id(Uuid::new_v4()),
+        };
+        self.ledger_call(|| self.ledger.map_record(source, &target))
+            .await
+            .map_err(PrepareError::Ledger)?;
+        Ok(target)
+    }
+
+    /// Writes with retries (transient errors), waiting while the circuit is open. Returns the attempts made.
+    async fn write(&self, record: Record) -> (Result<Written>, u32) {
+        let mut attempts = 0u32;
+        loop {
+            let result = self
+                .retry
+                .run_if(
+                    |e| !matches!(e, Error::CircuitOpen { .. }),
+                    || {
+                        attempts += 1;
+                        if attempts > 1 {
+                            self.counters.incr(Counter::Retried);
+                        }
+                        let record = record.clone();
+                        async move { self.breaker.call(|| self.write_once(record)).await }
+                    },
+                )
+                .await;
+            match result {
+                Err(Error::CircuitOpen { retry_after, .. }) => {
+                    // Paused, not failed: wait for the breaker's probe time and try again.
+                    tracing::info!(
+                        wait_ms = retry_after.as_millis() as u64,
+                        "circuit open: event waits"
+                    );
+                    tokio::time::sleep(retry_after.max(Duration::from_millis(1))).await;
+                }
+                other => return (other, attempts),
+            }
+        }
+    }
+
+    async fn write_once(&self, record: Record) -> Result<Written> {
+        const CONTENDED: usize = 5;
+        for _ in 0..CONTENDED {
+            let mut write = Write::upsert(record.clone());
+            if self.check_target
+                && let Some(current) = self.writer.store().read(&write.record.reference).await?
+            {
+                if let Some(target_version) = current.record.source_version
+                    && target_version >= record.source_version.unwrap_or(0)
+                {
+                    return Ok(Written::TargetAhead(target_version));
+                }
+                write.precondition = Precondition::MatchVersion(current.version);
+            }
+            match self.writer.write(write).await {
+                Ok(written) => {
+                    let created = written.ensured.created().count() as u64;
+                    self.counters.add(Counter::PlaceholdersCreated, created);
+                    return Ok(Written::Applied(written.outcome));
+                }
+                // Someone wrote the record between the read and the write: read again.
+                Err(Error::VersionMismatch { .. } | Error::NotFound { .. })
+                    if self.check_target => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Backend {
+            backend: self.writer.store().backend().to_owned(),
+            message: format!(
+                "{}: the record kept changing during {CONTENDED} attempts",
+                record.reference
+            ),
+            retryable: true,
+            source: None,
+        })
+    }
+
+    /// Ledger calls are retried like store calls; a ledger that stays down stops the applier.
+    async fn ledger_call<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        self.retry.run(call).await
+    }
+}
+
+enum PrepareError {
+    /// The event cannot be applied (dead-letter it).
+    Event(Error),
+    /// The ledger failed (stop).
+    Ledger(Error),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,378 @@
+//! The sync applier over the in-memory store: idempotency, ordering, echoes, hydration, mapping failures and
+//! replay, outages, the external-id map, and statistics that add up.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+mod common;
+
+use eventual_upsert::memory::MemoryStore;
+use eventual_upsert::sync::{Applier, ChangeEvent, Disposition, Ledger, Mapping, MemoryLedger};
+use eventual_upsert::{
+    BreakerConfig, EnsuringWriter, EntityRef, HydrationState, Policies, Record, RecordStore,
+    RetryPolicy, TableName, TablePolicy,
+};
+
+struct Setup {
+    store: Arc<MemoryStore>,
+    ledger: Arc<MemoryLedger>,
+    applier: Applier,
+    hydrated: Arc<AtomicUsize>,
+}
+
+fn setup(
+    configure: impl FnOnce(
+        eventual_upsert::sync::ApplierBuilder,
+    ) -> eventual_upsert::sync::ApplierBuilder,
+) -> Setup {
+    let store = Arc::new(MemoryStore::new(common::accounts_and_contacts()).named("eu"));
+    let policy = Policies::builder()
+        .table("account", TablePolicy::builder().primary_name("name"))
+        .build()
+        .unwrap();
+    let writer = EnsuringWriter::new(store.clone()).with_policy(policy);
+    let hydrated = Arc::new(AtomicUsize::new(0));
+    let counter = hydrated.clone();
+    writer
+        .hooks()
+        .on_hydrated(&TableName::new("account").unwrap(), move |h| {
+            if h.was_placeholder() {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    let ledger = Arc::new(MemoryLedger::new());
+    let builder = Applier::builder(writer, ledger.clone())
+        .identity("sync-us-eu")
+        .origin_column("new_syncorigin")
+        .retry(RetryPolicy {
+            initial_backoff: Duration::from_millis(10),
+            jitter_seed: Some(1),
+            ..RetryPolicy::default()
+        });
+    let applier = configure(builder).build(None).unwrap();
+    Setup {
+        store,
+        ledger,
+        applier,
+        hydrated,
+    }
+}
+
+fn account_by_id(id: u128) -> EntityRef {
+    EntityRef::by_id("account", Uuid::from_u128(id)).unwrap()
+}
+
+fn account_event(id: u128, version: u64, name: &str) -> ChangeEvent {
+    let record = Record::builder(account_by_id(id))
+        .field("name", name)
+        .field("accountnumber", format!("A-{id}"))
+        .build()
+        .unwrap();
+    ChangeEvent::upsert("us", &record, version)
+}
+
+fn contact_event(id: u128, parent: u128, version: u64) -> ChangeEvent {
+    let record = Record::builder(EntityRef::by_id("contact", Uuid::from_u128(id)).unwrap())
+        .field("fullname", format!("Contact {id}"))
+        .lookup("parentcustomerid", account_by_id(parent))
+        .build()
+        .unwrap();
+    ChangeEvent::upsert("us", &record, version)
+}
+
+async fn name_of(store: &MemoryStore, reference: &EntityRef) -> Option<serde_json::Value> {
+    let stored = store.read(reference).await.unwrap()?;
+    stored.record.field("name").cloned()
+}
+
+#[tokio::test]
+async fn the_same_event_twice_applies_once() {
+    let s = setup(|b| b);
+    let event = account_event(1, 10, "Fabrikam");
+    assert!(matches!(
+        s.applier.apply(event.clone()).await.unwrap(),
+        Disposition::Applied(_)
+    ));
+    assert!(matches!(
+        s.applier.apply(event).await.unwrap(),
+        Disposition::Duplicate
+    ));
+    // Same record and version under another event id: also a duplicate.
+    let again = account_event(1, 10, "Fabrikam").with_event_id("another-id");
+    assert!(matches!(
+        s.applier.apply(again).await.unwrap(),
+        Disposition::Duplicate
+    ));
+    let stats = s.applier.stats();
+    assert_eq!((stats.received, stats.applied, stats.duplicate), (3, 1, 2));
+    assert!(stats.is_accounted());
+}
+
+#[tokio::test]
+async fn an_older_version_after_a_newer_one_is_skipped_not_written() {
+    let s = setup(|b| b);
+    s.applier.apply(account_event(1, 20, "New")).await.unwrap();
+    let stale = s.applier.apply(account_event(1, 10, "Old")).await.unwrap();
+    assert!(
+        matches!(stale, Disposition::Stale { applied: 20 }),
+        "{stale:?}"
+    );
+    assert_eq!(
+        name_of(&s.store, &account_by_id(1)).await,
+        Some(json!("New"))
+    );
+    assert_eq!(s.applier.stats().stale, 1);
+}
+
+#[tokio::test]
+async fn the_target_version_guards_against_a_ledger_that_lost_the_newer_write() {
+    let s = setup(|b| b);
+    s.applier.apply(account_event(1, 20, "New")).await.unwrap();
+    // A worker that wrote v20 but crashed before the ledger heard of it: a fresh ledger, the same target.
+    let fresh = Applier::builder(s.applier.writer().clone(), Arc::new(MemoryLedger::new()))
+        .identity("sync-us-eu")
+        .build(None)
+        .unwrap();
+    let stale = fresh.apply(account_event(1, 10, "Old")).await.unwrap();
+    assert!(
+        matches!(stale, Disposition::Stale { applied: 20 }),
+        "{stale:?}"
+    );
+    assert_eq!(
+        name_of(&s.store, &account_by_id(1)).await,
+        Some(json!("New"))
+    );
+}
+
+#[tokio::test]
+async fn our_own_writes_coming_back_are_echoes() {
+    let s = setup(|b| b.ignore_origin("sync-eu-us"));
+    let own = account_event(1, 5, "Echo").with_origin("sync-us-eu");
+    let reverse = account_event(2, 5, "Echo").with_origin("sync-eu-us");
+    let user = account_event(3, 5, "Real").with_origin("alice@contoso.com");
+    assert!(matches!(
+        s.applier.apply(own).await.unwrap(),
+        Disposition::Echo
+    ));
+    assert!(matches!(
+        s.applier.apply(reverse).await.unwrap(),
+        Disposition::Echo
+    ));
+    assert!(matches!(
+        s.applier.apply(user).await.unwrap(),
+        Disposition::Applied(_)
+    ));
+    assert_eq!(s.store.read(&account_by_id(1)).await.unwrap(), None);
+    let written = s.store.read(&account_by_id(3)).await.unwrap().unwrap();
+    assert_eq!(
+        written.record.field("new_syncorigin"),
+        Some(&json!("sync-us-eu")),
+        "writes are stamped"
+    );
+}
+
+#[tokio::test]
+async fn a_contact_before_its_account_gets_a_placeholder_that_the_account_hydrates_once() {
+    let s = setup(|b| b);
+    let contact = s.applier.apply(contact_event(100, 1, 1)).await.unwrap();
+    assert!(matches!(contact, Disposition::Applied(_)), "{contact:?}");
+    let placeholder = s.store.read(&account_by_id(1)).await.unwrap().unwrap();
+    assert_eq!(placeholder.record.state, HydrationState::Placeholder);
+    s.applier
+        .apply(account_event(1, 1, "Fabrikam"))
+        .await
+        .unwrap();
+    s.applier
+        .apply(account_event(1, 2, "Fabrikam AG"))
+        .await
+        .unwrap();
+    let account = s.store.read(&account_by_id(1)).await.unwrap().unwrap();
+    assert_eq!(account.record.state, HydrationState::Hydrated);
+    assert_eq!(s.hydrated.load(Ordering::SeqCst), 1, "the hook fires once");
+    let stats = s.applier.stats();
+    assert_eq!((stats.placeholders_created, stats.hydrated), (1, 1));
+}
+
+#[tokio::test]
+async fn an_unmappable_event_is_dead_lettered_and_replayed_after_the_fix() {
+    let strict = Mapping::from_json(
+        r#"{"tables":{"account":{"values":{"name":{"map":{"Fabrikam":"FABRIKAM"}}}}}}"#,
+    )
+    .unwrap();
+    let s = setup(|b| b.mapping(strict));
+    let event = account_event(1, 1, "Contoso");
+    let disposition = s.applier.apply(event.clone()).await.unwrap();
+    let Disposition::DeadLettered(error) = disposition else {
+        panic!("expected a dead letter, got {disposition:?}");
+    };
+    assert!(error.to_string().contains("Contoso"), "{error}");
+    let letters = s.ledger.dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].event, event, "the payload is kept");
+    assert_eq!(letters[0].correlation_id, event.correlation_id);
+    // Redelivery of a dead-lettered event is a duplicate; the letter holds it.
+    assert!(matches!(
+        s.applier.apply(event.clone()).await.unwrap(),
+        Disposition::Duplicate
+    ));
+
+    // The fix: a mapping that accepts the value. Replay with an applier built on the same ledger.
+    let fixed = Applier::builder(s.applier.writer().clone(), s.ledger.clone())
+        .identity("sync-us-eu")
+        .build(None)
+        .unwrap();
+    let report = fixed.replay_dead_letters(10).await.unwrap();
+    assert_eq!(report.replayed, 1);
+    assert!(s.ledger.dead_letters(10).await.unwrap().is_empty());
+    assert_eq!(
+        name_of(&s.store, &account_by_id(1)).await,
+        Some(json!("Contoso"))
+    );
+    assert_eq!(fixed.stats().replayed, 1);
+    let first = s.applier.stats();
+    assert_eq!(
+        (first.received, first.dead_lettered, first.duplicate),
+        (2, 1, 1)
+    );
+    assert!(first.is_accounted() && fixed.stats().is_accounted());
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_and_an_outage_pauses_events_until_the_circuit_closes() {
+    let s = setup(|b| {
+        b.breaker(BreakerConfig {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(30),
+        })
+    });
+    s.store.faults().go_down_for(Duration::from_secs(120));
+    let disposition = s
+        .applier
+        .apply(account_event(1, 1, "Patient"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(disposition, Disposition::Applied(_)),
+        "{disposition:?}"
+    );
+    let stats = s.applier.stats();
+    assert!(stats.retried > 0);
+    assert_eq!(
+        stats.dead_lettered, 0,
+        "an outage is waited out, not dead-lettered"
+    );
+    assert!(stats.is_accounted());
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_that_persist_past_the_policy_are_dead_lettered_as_retryable() {
+    let s = setup(|b| {
+        b.retry(RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            jitter: false,
+            ..RetryPolicy::default()
+        })
+        .breaker(BreakerConfig {
+            failure_threshold: 100,
+            open_for: Duration::from_secs(1),
+        })
+    });
+    s.store.faults().go_down();
+    let disposition = s
+        .applier
+        .apply(account_event(1, 1, "Unlucky"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            &disposition,
+            Disposition::DeadLettered(eventual_upsert::Error::RetriesExhausted { .. })
+        ),
+        "{disposition:?}"
+    );
+    let letter = &s.ledger.dead_letters(1).await.unwrap()[0];
+    assert!(letter.retryable);
+    assert_eq!(letter.attempts, 3);
+    s.store.faults().restore();
+    assert_eq!(s.applier.replay_dead_letters(10).await.unwrap().replayed, 1);
+    assert_eq!(
+        name_of(&s.store, &account_by_id(1)).await,
+        Some(json!("Unlucky"))
+    );
+}
+
+#[tokio::test]
+async fn mapped_tables_get_target_guids_through_the_external_id_map() {
+    let s = setup(|b| b.mapped_table("account"));
+    s.applier.apply(contact_event(100, 7, 1)).await.unwrap();
+    let source = eventual_upsert::sync::SourceRecord::new("us", account_by_id(7));
+    let target = s
+        .ledger
+        .target_of(&source)
+        .await
+        .unwrap()
+        .expect("mapped on first sight");
+    assert_ne!(target, account_by_id(7), "a target GUID of its own");
+    let contact = s
+        .store
+        .read(&EntityRef::by_id("contact", Uuid::from_u128(100)).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        contact.record.lookups["parentcustomerid"], target,
+        "the lookup is translated"
+    );
+    s.applier
+        .apply(account_event(7, 1, "Mapped"))
+        .await
+        .unwrap();
+    let account = s.store.read(&target).await.unwrap().unwrap();
+    assert_eq!(
+        account.record.state,
+        HydrationState::Hydrated,
+        "the placeholder under the mapped id is hydrated"
+    );
+    assert_eq!(
+        s.store.read(&account_by_id(7)).await.unwrap(),
+        None,
+        "nothing under the source GUID"
+    );
+    assert_eq!(s.ledger.source_of(&target).await.unwrap(), Some(source));
+}
+
+#[tokio::test]
+async fn delete_events_are_dead_lettered_with_the_reason() {
+    let s = setup(|b| b);
+    let delete = ChangeEvent::delete("us", &account_by_id(1), 3);
+    let disposition = s.applier.apply(delete).await.unwrap();
+    assert!(
+        matches!(&disposition, Disposition::DeadLettered(e) if e.to_string().contains("delete")),
+        "{disposition:?}"
+    );
+    assert!(s.applier.stats().is_accounted());
+}
+
+#[tokio::test]
+async fn a_ledger_that_stays_down_stops_the_applier_without_settling() {
+    let s = setup(|b| {
+        b.retry(RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(1),
+            ..RetryPolicy::default()
+        })
+    });
+    s.ledger.fail_next(10);
+    assert!(s.applier.apply(account_event(1, 1, "X")).await.is_err());
+    let stats = s.applier.stats();
+    assert_eq!(
+        (stats.received, stats.settled()),
+        (1, 0),
+        "received but not settled: it will be redelivered"
+    );
+}
