@@ -23,6 +23,7 @@ scenarios!(
     dead_letters_are_removed_by_event_id,
     id_map_answers_both_ways,
     id_map_replacement_keeps_it_one_to_one,
+    own_writes_are_known_by_instance_record_and_version,
 );
 
 #[tokio::test]

@@ -62,6 +62,7 @@ pub struct ApplierBuilder {
     retry: RetryPolicy,
     breaker: BreakerConfig,
     check_target: bool,
+    target_instance: Option<String>,
     error: Option<Error>,
 }
 
@@ -132,6 +133,15 @@ impl ApplierBuilder {
         self
     }
 
+    /// The name under which the target appears as a change source to the other direction of a two-way sync.
+    /// Every write is then remembered in the ledger with the row version it produced
+    /// ([`Ledger::record_own_write`]), and an event from a source whose record and version match one of them is
+    /// skipped as an echo. Unlike an origin column, this cannot mistake a later edit by someone else for an echo.
+    pub fn target_instance(mut self, name: impl Into<String>) -> Self {
+        self.target_instance = Some(name.into());
+        self
+    }
+
     /// Validates the settings (and the mapping against the target schema, when given).
     pub fn build(self, target_schema: Option<&Schema>) -> Result<Applier> {
         if let Some(error) = self.error {
@@ -157,6 +167,7 @@ impl ApplierBuilder {
             mapped_tables: Arc::new(self.mapped_tables),
             retry: self.retry,
             check_target: self.check_target,
+            target_instance: self.target_instance,
             counters: Arc::new(SyncCounters::new()),
         })
     }
@@ -193,6 +204,7 @@ pub struct Applier {
     retry: RetryPolicy,
     breaker: Arc<CircuitBreaker>,
     check_target: bool,
+    target_instance: Option<String>,
     counters: Arc<SyncCounters>,
 }
 
@@ -217,6 +229,7 @@ impl Applier {
             retry: RetryPolicy::default(),
             breaker: BreakerConfig::default(),
             check_target: true,
+            target_instance: None,
             error: None,
         }
     }
@@ -295,10 +308,13 @@ impl Applier {
 
     async fn settle(&self, event: ChangeEvent, replay: bool) -> Result<Disposition> {
         let source = event.source_record();
+        let own_write =
+            || (self.ledger).is_own_write(&event.source, &source.reference, event.source_version);
         if event
             .origin
             .as_ref()
             .is_some_and(|o| self.ignored_origins.contains(o))
+            || self.ledger_call(own_write).await?
         {
             return self
                 .skip(&event, &source, Counter::Echo, Disposition::Echo)
@@ -343,6 +359,19 @@ impl Applier {
         };
         match write {
             Ok(Written::Applied(outcome)) => {
+                if let Some(instance) = &self.target_instance
+                    && outcome.change != crate::store::Change::Unchanged
+                {
+                    let written = EntityRef {
+                        table: self.mapping.target_table(&event.table)?,
+                        key: Key::Id(outcome.id),
+                    };
+                    let own = || {
+                        self.ledger
+                            .record_own_write(instance, &written, outcome.version.0)
+                    };
+                    self.ledger_call(own).await?;
+                }
                 self.counters.incr(Counter::Applied);
                 if outcome.became_hydrated()
                     && outcome.previous_state == Some(HydrationState::Placeholder)

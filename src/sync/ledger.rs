@@ -133,6 +133,20 @@ pub trait Ledger: Send + Sync + Debug {
     /// Records (or replaces) a mapping in both directions. The map stays one-to-one: replacing removes the old
     /// reverse entry, and mapping a target that another source record held takes it from that record.
     async fn map_record(&self, source: &SourceRecord, target: &EntityRef) -> Result<()>;
+
+    /// Remembers that the integration itself wrote `record` (addressed by id) at row version `version` on the
+    /// instance that appears as change source `instance`. When that change comes back from that source it is an
+    /// echo (two-way sync). Keyed by version, so a later edit by someone else is never mistaken for an echo.
+    async fn record_own_write(
+        &self,
+        instance: &str,
+        record: &EntityRef,
+        version: u64,
+    ) -> Result<()>;
+
+    /// Whether the change of `record` at `version`, read from source `instance`, is one of the integration's
+    /// own writes ([`record_own_write`](Self::record_own_write)).
+    async fn is_own_write(&self, instance: &str, record: &EntityRef, version: u64) -> Result<bool>;
 }
 
 macro_rules! forward_ledger {
@@ -180,6 +194,12 @@ macro_rules! forward_ledger {
             async fn map_record(&self, source: &SourceRecord, target: &EntityRef) -> Result<()> {
                 (**self).map_record(source, target).await
             }
+            async fn record_own_write(&self, instance: &str, record: &EntityRef, version: u64) -> Result<()> {
+                (**self).record_own_write(instance, record, version).await
+            }
+            async fn is_own_write(&self, instance: &str, record: &EntityRef, version: u64) -> Result<bool> {
+                (**self).is_own_write(instance, record, version).await
+            }
         }
     )*};
 }
@@ -200,6 +220,9 @@ pub struct LedgerSnapshot {
     pub dead_letters: Vec<DeadLetter>,
     /// The external-id map, source to target, sorted by source record.
     pub id_map: Vec<(SourceRecord, EntityRef)>,
+    /// The integration's own writes: instance, record, row version; sorted.
+    #[serde(default)]
+    pub own_writes: Vec<(String, EntityRef, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +233,7 @@ struct State {
     dead_letters: HashMap<String, DeadLetter>,
     targets: HashMap<SourceRecord, EntityRef>,
     sources: HashMap<EntityRef, SourceRecord>,
+    own_writes: HashSet<(String, EntityRef, u64)>,
     fail_next: u32,
 }
 
@@ -261,6 +285,7 @@ impl MemoryLedger {
                 .into_iter()
                 .map(|letter| (letter.event.event_id.clone(), letter))
                 .collect(),
+            own_writes: snapshot.own_writes.into_iter().collect(),
             ..State::default()
         };
         for (source, target) in &snapshot.id_map {
@@ -286,7 +311,11 @@ impl MemoryLedger {
             .map(|(source, target)| (source.clone(), target.clone()))
             .collect();
         id_map.sort();
+        let mut own_writes: Vec<(String, EntityRef, u64)> =
+            state.own_writes.iter().cloned().collect();
+        own_writes.sort();
         LedgerSnapshot {
+            own_writes,
             processed: state.processed.iter().cloned().collect(),
             applied_versions,
             checkpoints: state
@@ -404,6 +433,26 @@ impl Ledger for MemoryLedger {
     async fn map_record(&self, source: &SourceRecord, target: &EntityRef) -> Result<()> {
         self.call()?.map_record(source, target);
         Ok(())
+    }
+
+    async fn record_own_write(
+        &self,
+        instance: &str,
+        record: &EntityRef,
+        version: u64,
+    ) -> Result<()> {
+        self.call()?
+            .own_writes
+            .insert((instance.to_owned(), record.clone(), version));
+        Ok(())
+    }
+
+    async fn is_own_write(&self, instance: &str, record: &EntityRef, version: u64) -> Result<bool> {
+        // A lookup without an owned key would need one; the set is small next to a sync's traffic.
+        Ok(self
+            .call()?
+            .own_writes
+            .contains(&(instance.to_owned(), record.clone(), version)))
     }
 }
 

@@ -36,6 +36,7 @@ pub async fn run_all(ledger: &dyn Ledger) {
     dead_letters_are_removed_by_event_id(ledger).await;
     id_map_answers_both_ways(ledger).await;
     id_map_replacement_keeps_it_one_to_one(ledger).await;
+    own_writes_are_known_by_instance_record_and_version(ledger).await;
 }
 
 fn fresh(prefix: &str) -> String {
@@ -417,5 +418,34 @@ pub async fn id_map_replacement_keeps_it_one_to_one(ledger: &dyn Ledger) {
         must(ledger.target_of(&s2).await, "target_of"),
         Some(t2),
         "the new mapping answers forward"
+    );
+}
+
+/// The integration's own writes are recognised by instance, record and exact version, and nothing else.
+pub async fn own_writes_are_known_by_instance_record_and_version(ledger: &dyn Ledger) {
+    let instance = fresh("eu");
+    let record = EntityRef::by_id("account", Uuid::new_v4()).unwrap_or_else(|e| panic!("{e}"));
+    must(
+        ledger.record_own_write(&instance, &record, 42).await,
+        "recording an own write",
+    );
+    must(
+        ledger.record_own_write(&instance, &record, 42).await,
+        "recording it again (idempotent)",
+    );
+    assert!(
+        must(ledger.is_own_write(&instance, &record, 42).await, "asking"),
+        "an own write is known"
+    );
+    assert!(
+        !must(ledger.is_own_write(&instance, &record, 43).await, "asking"),
+        "a later version (someone else's edit) is not an own write"
+    );
+    assert!(
+        !must(
+            ledger.is_own_write(&fresh("us"), &record, 42).await,
+            "asking"
+        ),
+        "own writes are per instance"
     );
 }
