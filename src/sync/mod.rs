@@ -38,6 +38,7 @@ mod applier;
 mod event;
 mod ledger;
 mod mapping;
+mod source;
 mod stats;
 
 #[cfg(feature = "conformance")]
@@ -47,4 +48,5 @@ pub use applier::{Applier, ApplierBuilder, Disposition, ReplayReport};
 pub use event::{ChangeEvent, ChangeKind, SCHEMA_VERSION};
 pub use ledger::{DeadLetter, Ledger, LedgerSnapshot, MemoryLedger, SourceRecord};
 pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};
+pub use source::{ChangeBatch, ChangeSource, Pipeline, QueueSource};
 pub use stats::{Counter, SyncCounters, SyncStats};
