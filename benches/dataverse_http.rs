@@ -77,7 +77,7 @@ fn schema() -> BoxResult<Schema> {
     ])?)
 }
 
-async fn emulator() -> BoxResult<Emulator> {
+async fn start_emulator() -> BoxResult<Emulator> {
     Ok(Emulator::start(
         EmulatorConfig::new()
             .table(EmulatedTable::accounts())
@@ -114,7 +114,7 @@ struct Burst {
 }
 
 async fn lob_burst() -> BoxResult<Burst> {
-    let emulator = emulator().await?;
+    let emulator = start_emulator().await?;
     let store = Arc::new(store(&emulator)?);
     let existing: Vec<Record> = (0..ACCOUNTS * (100 - MISSING_PERCENT) / 100)
         .map(account)
@@ -169,9 +169,9 @@ async fn bulk_sync(records: usize, rounds: usize) -> BoxResult<Bulk> {
     let mut raw = Vec::new();
     let mut ours = Vec::new();
     for _ in 0..rounds {
-        let emulator = emulator().await?;
+        let emulator = start_emulator().await?;
         raw.push(records as f64 / send_raw(&emulator, records).await?.as_secs_f64());
-        let emulator = emulator().await?;
+        let emulator = start_emulator().await?;
         let store = store(&emulator)?;
         // The probe for bulk support happens once per store; warm it up outside the measurement, as raw needs none.
         store

@@ -148,7 +148,8 @@ impl RetryPolicy {
         })
         .await;
         result.map_err(|err| {
-            if err.is_retryable() && retry(&err) {
+            // Wrapped only when a retry happened: a policy that never retries returns the error as it is.
+            if err.is_retryable() && retry(&err) && attempts.load(Ordering::Relaxed) > 1 {
                 Error::RetriesExhausted {
                     attempts: attempts.load(Ordering::Relaxed),
                     elapsed: started.elapsed(),

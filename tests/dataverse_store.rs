@@ -11,12 +11,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 
+use eventual_upsert::dataverse::DataverseConfig;
 use eventual_upsert::dataverse::auth::{Secret, TokenProvider};
-use eventual_upsert::dataverse::{DataverseConfig, DataverseStore};
 use eventual_upsert::emulator::{EmulatedTable, Emulator};
 use eventual_upsert::{
-    BreakerConfig, Change, EnsuringWriter, EntityRef, Error, HydrationState, Record, RecordStore,
-    Result, RetryPolicy, Write, conformance,
+    BreakerConfig, Change, EnsureExists, EnsuringWriter, EntityRef, Error, HydrationState, Record,
+    RecordStore, Result, RetryPolicy, Write, conformance,
 };
 
 fn account(number: &str) -> EntityRef {
@@ -324,7 +324,7 @@ async fn client_credentials_get_a_token_from_the_identity_endpoint() {
         "contoso-tenant",
         "app-id",
         secret,
-        "*",
+        "",
     ))
     .await
     .unwrap();

@@ -84,7 +84,8 @@ impl Auth {
     }
 
     /// `POST /{tenant}/oauth2/v2.0/token` with a form body.
-    pub(crate) fn token_endpoint(&self, tenant: &str, body: &[u8]) -> Reply {
+    /// An empty configured scope means `<base_url>/.default`, what a client derives from the emulator's address.
+    pub(crate) fn token_endpoint(&self, tenant: &str, body: &[u8], base_url: &str) -> Reply {
         let Some(credentials) = &self.credentials else {
             return oauth_error(
                 400,
@@ -127,7 +128,11 @@ impl Auth {
                 "Invalid client secret provided.",
             );
         }
-        if field("scope") != Some(credentials.scope.as_str()) {
+        let expected_scope = match credentials.scope.as_str() {
+            "" => format!("{base_url}/.default"),
+            scope => scope.to_owned(),
+        };
+        if field("scope") != Some(expected_scope.as_str()) {
             return oauth_error(
                 400,
                 "invalid_scope",

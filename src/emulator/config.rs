@@ -261,7 +261,8 @@ impl EmulatorConfig {
     }
 
     /// Enables the token endpoint `POST /{tenant}/oauth2/v2.0/token` for this one client (client credentials
-    /// grant) and requires its tokens on the Web API.
+    /// grant) and requires its tokens on the Web API. An empty `scope` stands for `<base_url>/.default`, the
+    /// scope a client derives from the emulator's address (which is known only once it runs).
     pub fn client_credentials(
         mut self,
         tenant: &str,

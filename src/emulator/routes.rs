@@ -35,7 +35,10 @@ async fn serve(shared: &Shared, request: Request) -> (Reply, bool) {
             return (Reply::empty(405), false);
         }
         return match axum::body::to_bytes(body, 64 * 1024).await {
-            Ok(body) => (shared.auth.token_endpoint(tenant, &body), false),
+            Ok(body) => (
+                shared.auth.token_endpoint(tenant, &body, &shared.base_url),
+                false,
+            ),
             Err(_) => (Reply::empty(413), false),
         };
     }
