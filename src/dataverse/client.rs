@@ -56,11 +56,6 @@ impl Request {
         self
     }
 
-    pub fn json(mut self, body: &serde_json::Value) -> Self {
-        self.body = Some(("application/json".into(), body.to_string().into_bytes()));
-        self
-    }
-
     pub fn body(mut self, content_type: String, body: Vec<u8>) -> Self {
         self.body = Some((content_type, body));
         self

@@ -1037,8 +1037,11 @@ impl Inner {
             .chunks(self.batch_size.max(1))
             .map(<[Operation]>::to_vec)
             .collect();
+        // No wider than the parallelism limit: a request body is built when its future first runs, and building
+        // bodies far ahead of the requests in flight would keep this task from reading the responses that free
+        // the next slot.
         let width = if parallel {
-            batch::MAX_OPERATIONS.min(crate::dataverse::MAX_PARALLEL_REQUESTS)
+            self.transport.limiter.limit()
         } else {
             1
         };
@@ -1147,26 +1150,11 @@ impl Inner {
 
     async fn bulk_upsert(&self, records: &[Record]) -> BulkReport {
         let mut results: Vec<Option<Result<()>>> = (0..records.len()).map(|_| None).collect();
+        // Records are validated chunk by chunk as the requests go out (see `send_upsert_multiple`), so the first
+        // request leaves without waiting for every record to be checked.
         let mut by_table: BTreeMap<&TableName, Vec<usize>> = BTreeMap::new();
         for (i, record) in records.iter().enumerate() {
-            let checked = self
-                .table(record.table())
-                .and_then(|t| t.schema.check_write(record).map(|_| t));
-            match checked {
-                Err(e) => results[i] = Some(Err(e)),
-                Ok(table) if record.state == HydrationState::Placeholder => {
-                    results[i] = Some(Err(Error::InvalidValue {
-                        reference: Box::new(record.reference.clone()),
-                        field: table
-                            .state_column
-                            .clone()
-                            .unwrap_or_else(|| table.schema.primary_id.clone()),
-                        reason: "bulk upserts write hydrated records; ensure placeholders instead"
-                            .into(),
-                    }))
-                }
-                Ok(_) => by_table.entry(record.table()).or_default().push(i),
-            }
+            by_table.entry(record.table()).or_default().push(i);
         }
         let before = self.transport.stats().requests;
         for (table_name, indices) in by_table {
@@ -1218,33 +1206,23 @@ impl Inner {
         records: &[Record],
         indices: &[usize],
     ) -> Vec<(usize, Result<()>)> {
-        let mut rounds: Vec<Vec<usize>> = Vec::new();
-        let mut seen: Vec<HashSet<&EntityRef>> = Vec::new();
-        for &i in indices {
-            let reference = &records[i].reference;
-            let round = seen
-                .iter()
-                .position(|s| !s.contains(reference))
-                .unwrap_or(seen.len());
-            if round == seen.len() {
-                seen.push(HashSet::new());
-                rounds.push(Vec::new());
-            }
-            seen[round].insert(reference);
-            rounds[round].push(i);
-        }
         let mut out = Vec::with_capacity(indices.len());
-        for round in rounds {
-            let chunks: Vec<Vec<usize>> = round
-                .chunks(self.bulk_chunk.max(1))
-                .map(<[usize]>::to_vec)
-                .collect();
-            let sent: Vec<Vec<(usize, Result<()>)>> = stream::iter(chunks)
+        let mut round = indices.to_vec();
+        while !round.is_empty() {
+            let mut chunks = RoundChunks {
+                records,
+                pending: round.into_iter(),
+                seen: HashSet::new(),
+                deferred: Vec::new(),
+                size: self.bulk_chunk.max(1),
+            };
+            let sent: Vec<Vec<(usize, Result<()>)>> = stream::iter(chunks.by_ref())
                 .map(|chunk| self.send_upsert_multiple(table, records, chunk))
-                .buffered(crate::dataverse::MAX_PARALLEL_REQUESTS)
+                .buffered(self.transport.limiter.limit())
                 .collect()
                 .await;
             out.extend(sent.into_iter().flatten());
+            round = chunks.deferred;
         }
         out
     }
@@ -1255,46 +1233,44 @@ impl Inner {
         records: &[Record],
         chunk: Vec<usize>,
     ) -> Vec<(usize, Result<()>)> {
-        let mut targets = Vec::with_capacity(chunk.len());
-        for &i in &chunk {
+        let mut out = Vec::with_capacity(chunk.len());
+        let mut valid = Vec::with_capacity(chunk.len());
+        for i in chunk {
             let record = &records[i];
-            let body = table.body(
-                record,
-                table
-                    .state_column
-                    .as_ref()
-                    .map(|_| HydrationState::Hydrated),
-                |t| self.entity_set_of(t),
-            );
-            match body {
-                Ok(mut body) => {
-                    // The key values go in the body too: whether UpsertMultiple copies them from `@odata.id` into
-                    // a created row is not documented.
-                    if let Key::Alternate(key) = &record.reference.key {
-                        for (column, value) in key.parts() {
-                            body.entry(column.to_string())
-                                .or_insert_with(|| value.to_json());
-                        }
-                    }
-                    body.insert(
-                        "@odata.type".into(),
-                        Value::String(format!("Microsoft.Dynamics.CRM.{}", table.name())),
-                    );
-                    body.insert(
-                        "@odata.id".into(),
-                        Value::String(table.address(&record.reference.key)),
-                    );
-                    targets.push(Value::Object(body));
-                }
-                Err(e) => return chunk.iter().map(|&i| (i, Err(e.clone()))).collect(),
+            match table.schema.check_write(record) {
+                Err(e) => out.push((i, Err(e))),
+                Ok(_) if record.state == HydrationState::Placeholder => out.push((
+                    i,
+                    Err(Error::InvalidValue {
+                        reference: Box::new(record.reference.clone()),
+                        field: table
+                            .state_column
+                            .clone()
+                            .unwrap_or_else(|| table.schema.primary_id.clone()),
+                        reason: "bulk upserts write hydrated records; ensure placeholders instead"
+                            .into(),
+                    }),
+                )),
+                Ok(_) => valid.push(i),
             }
         }
+        if valid.is_empty() {
+            return out;
+        }
+        let chunk = valid;
+        let body = match self.upsert_multiple_body(table, records, &chunk) {
+            Ok(body) => body,
+            Err(e) => {
+                out.extend(chunk.iter().map(|&i| (i, Err(e.clone()))));
+                return out;
+            }
+        };
         let path = self.tagged(format!(
             "{}/Microsoft.Dynamics.CRM.UpsertMultiple",
             table.entity_set
         ));
         let request = Request::new(Method::POST, path, "bulk")
-            .json(&json!({ "Targets": targets }))
+            .body("application/json".into(), body)
             .idempotent(true);
         let context = self.context(None, None);
         let result = match self.execute(request, &context).await {
@@ -1302,7 +1278,107 @@ impl Inner {
             Ok(response) => Err(self.error(&response, &context)),
             Err(e) => Err(e),
         };
-        chunk.into_iter().map(|i| (i, result.clone())).collect()
+        out.extend(chunk.into_iter().map(|i| (i, result.clone())));
+        out
+    }
+}
+
+impl Inner {
+    /// `{"Targets":[...]}` for `UpsertMultiple`, written straight into bytes: this is the hot path of a bulk sync,
+    /// and building a `serde_json::Value` tree first costs more than sending it. Names are validated identifiers
+    /// (letters, digits, `_`), so they need no escaping; values and addresses go through serde_json.
+    fn upsert_multiple_body(
+        &self,
+        table: &TableInfo,
+        records: &[Record],
+        chunk: &[usize],
+    ) -> Result<Vec<u8>> {
+        let encode = |e: serde_json::Error| Error::Backend {
+            backend: self.backend().to_owned(),
+            message: format!("encoding an UpsertMultiple body: {e}"),
+            retryable: false,
+            source: None,
+        };
+        let mut out = Vec::with_capacity(chunk.len() * 192);
+        out.extend_from_slice(b"{\"Targets\":[");
+        for (n, &i) in chunk.iter().enumerate() {
+            let record = &records[i];
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"@odata.type\":\"Microsoft.Dynamics.CRM.");
+            out.extend_from_slice(table.name().as_str().as_bytes());
+            out.extend_from_slice(b"\",\"@odata.id\":");
+            serde_json::to_writer(&mut out, &table.address(&record.reference.key))
+                .map_err(encode)?;
+            let member = |name: &str, value: &Value, out: &mut Vec<u8>| {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"\":");
+                serde_json::to_writer(out, value).map_err(encode)
+            };
+            for (column, value) in &record.fields {
+                member(column.as_str(), value, &mut out)?;
+            }
+            // The key values go in the body too: whether UpsertMultiple copies them from `@odata.id` into a
+            // created row is not documented.
+            if let Key::Alternate(key) = &record.reference.key {
+                for (column, value) in key.parts() {
+                    if !record.fields.contains_key(column) {
+                        member(column.as_str(), &value.to_json(), &mut out)?;
+                    }
+                }
+            }
+            for (lookup, target) in &record.lookups {
+                let property = table
+                    .navigation
+                    .get(lookup)
+                    .map_or(lookup.as_str(), String::as_str);
+                let bind = format!("/{}", self.table(&target.table)?.address(&target.key));
+                member(
+                    &format!("{property}@odata.bind"),
+                    &Value::String(bind),
+                    &mut out,
+                )?;
+            }
+            // Bulk upserts write real data: a placeholder they land on becomes hydrated.
+            if let Some(state) = &table.state_column {
+                member(state.as_str(), &Value::Bool(false), &mut out)?;
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        Ok(out)
+    }
+}
+
+/// Cuts records into `UpsertMultiple` chunks lazily (the first request leaves as soon as its chunk is cut). A
+/// record addressed a second time in one round is deferred to the next round: the service rejects duplicate keys
+/// within a request, and chunks of one round run in parallel, so two writes to one record must not share a round.
+struct RoundChunks<'a> {
+    records: &'a [Record],
+    pending: std::vec::IntoIter<usize>,
+    seen: HashSet<&'a Key>,
+    deferred: Vec<usize>,
+    size: usize,
+}
+
+impl Iterator for RoundChunks<'_> {
+    type Item = Vec<usize>;
+
+    fn next(&mut self) -> Option<Vec<usize>> {
+        let mut chunk = Vec::with_capacity(self.size);
+        for i in self.pending.by_ref() {
+            if self.seen.insert(&self.records[i].reference.key) {
+                chunk.push(i);
+                if chunk.len() == self.size {
+                    break;
+                }
+            } else {
+                self.deferred.push(i);
+            }
+        }
+        (!chunk.is_empty()).then_some(chunk)
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::dataverse::config::{BulkSupport, DataverseTable};
-use crate::dataverse::odata::{entity_path, key_segment};
+use crate::dataverse::odata::key_segment;
 use crate::error::{Error, Result};
 use crate::key::{EntityRef, Key};
 use crate::name::{ColumnName, TableName};
@@ -244,13 +244,13 @@ impl TableInfo {
     }
 }
 
+/// `accounts(...)`. Entity set names are validated identifiers (`DataverseTable::with_entity_set`), so they are
+/// written as they are.
 fn entity_path_str(entity_set: &str, key: &Key) -> String {
-    match TableName::new(entity_set) {
-        Ok(set) => entity_path(&set, key),
-        // Entity set names are validated identifiers (see `DataverseTable::with_entity_set`); this arm only keeps
-        // the function total.
-        Err(_) => format!("{entity_set}{}", key_segment(key)),
-    }
+    let mut path = String::with_capacity(entity_set.len() + 48);
+    path.push_str(entity_set);
+    path.push_str(&key_segment(key));
+    path
 }
 
 /// `W/"536537"` → 536537. Dataverse's ETag is the row version; Microsoft calls it opaque, so anything else is
