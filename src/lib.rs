@@ -59,9 +59,10 @@
 //! * [`EnsuringWriter`]: the orchestrator, one record or batches.
 //! * [`RetryPolicy`] and [`CircuitBreaker`]: backoff that honours `Retry-After`, and fail-fast for a store that is
 //!   down.
-//! * [`sync`]: the sync pipeline's foundation: versioned change events, the [`Ledger`](sync::Ledger) of processed
-//!   events, checkpoints, dead letters and the external-id map, per-consumer field [`Mapping`](sync::Mapping), and
-//!   the statistics every run must add up to.
+//! * [`sync`]: the sync pipeline: versioned change events, the [`Applier`](sync::Applier) (idempotent, ordered,
+//!   hydrating, echo-free), the [`Ledger`](sync::Ledger) of processed events, checkpoints, dead letters and the
+//!   external-id map, per-consumer field [`Mapping`](sync::Mapping), change sources, and statistics that add up.
+//! * [`correlation`]: one correlation id per logical operation, carried into every request it makes.
 //!
 //! ## Feature flags
 //!
@@ -69,7 +70,8 @@
 //! |---|---|---|
 //! | `memory` | yes | [`memory::MemoryStore`], a faithful in-memory store with fault injection |
 //! | `conformance` | no | [`conformance`], the contract scenarios every adapter must pass |
-//! | `dataverse` | no | [`dataverse`] wire format: OData key encoding and error mapping (the HTTP adapter follows) |
+//! | `dataverse` | no | [`dataverse::DataverseStore`], the Dataverse Web API adapter (reqwest + rustls), with auth, retries, a circuit breaker, `$batch` and `UpsertMultiple` |
+//! | `emulator` | no | [`emulator::Emulator`], a local Dataverse Web API (axum) for tests and offline development |
 //!
 //! ## When not to use the pattern
 //!
