@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
+use uuid::Uuid;
 
 use eventual_upsert::dataverse::DataverseConfig;
 use eventual_upsert::dataverse::auth::{Secret, TokenProvider};
@@ -487,4 +488,198 @@ async fn unchanged_writes_do_not_reach_the_service() {
         (Change::Unchanged, first.version)
     );
     assert_eq!(emulator.counts().http_requests, 1, "one read, no write");
+}
+
+#[tokio::test]
+async fn an_atomic_write_is_all_or_nothing() {
+    let emulator = dataverse::conformance_emulator().await;
+    let store = dataverse::conformance_store(&emulator);
+    let existing = account("AT-0");
+    store
+        .write(&Write::upsert(named(&existing, "Existing")))
+        .await
+        .unwrap();
+    let ok = [
+        Write::upsert(named(&account("AT-1"), "One")),
+        Write::upsert(named(&account("AT-2"), "Two")),
+    ];
+    let outcomes = store.write_atomic(&ok).await.unwrap();
+    assert_eq!(outcomes.len(), 2);
+    assert!(outcomes.iter().all(|o| o.change == Change::Created));
+    let failing = [
+        Write::upsert(named(&account("AT-3"), "Three")),
+        Write::create_only(named(&existing, "Clash")),
+    ];
+    let err = store.write_atomic(&failing).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::AlreadyExists { reference } if **reference == existing),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.read(&account("AT-3")).await.unwrap(),
+        None,
+        "the first write of the failed change set was rolled back"
+    );
+    assert_eq!(emulator.row_count("account"), 3);
+}
+
+#[tokio::test]
+async fn a_failure_that_may_have_been_applied_is_retried_only_for_idempotent_requests() {
+    let emulator = dataverse::conformance_emulator().await;
+    let store = dataverse::conformance_store(&emulator);
+    // An upsert may be sent twice: retried after a 500.
+    emulator.faults().fail_next(1, 500);
+    store
+        .write_batch(&[Write::upsert(named(&account("I-1"), "Upsert"))])
+        .await
+        .remove(0)
+        .unwrap();
+    assert_eq!(store.stats().retries, 1);
+    // A create-only write may not: a second try after a 500 that did create the row would report "exists".
+    emulator.faults().fail_next(1, 500);
+    let result = store
+        .write_batch(&[Write::create_only(named(&account("I-2"), "Create"))])
+        .await
+        .remove(0);
+    let err = result.unwrap_err();
+    assert!(
+        err.is_retryable(),
+        "the caller may still decide to retry: {err:?}"
+    );
+    assert_eq!(store.stats().retries, 1, "no retry by the store");
+    // A 503 is a refusal, safe to resend even for create-only writes.
+    emulator.faults().fail_next(1, 503);
+    store
+        .write_batch(&[Write::create_only(named(&account("I-3"), "Create"))])
+        .await
+        .remove(0)
+        .unwrap();
+    assert_eq!(store.stats().retries, 2);
+}
+
+#[tokio::test]
+async fn metadata_fills_in_entity_sets_and_navigation_properties() {
+    let emulator = Emulator::start(
+        dataverse::conformance_tables().table(
+            EmulatedTable::new("new_project", "new_projectses", "new_projectid", "new_name")
+                .alternate_key(&["new_code"])
+                .lookup("new_AccountId", "new_accountid", "account"),
+        ),
+    )
+    .await
+    .unwrap();
+    let schema = eventual_upsert::schema::Schema::new(
+        conformance::schema().tables().cloned().chain([
+            eventual_upsert::schema::TableSchema::builder("new_project")
+                .primary_name("new_name")
+                .alternate_key([("new_code", eventual_upsert::KeyKind::String)])
+                .lookup("new_accountid", "account")
+                .build()
+                .unwrap(),
+        ]),
+    )
+    .unwrap();
+    // No Dataverse names given: the irregular entity set and the case-sensitive navigation property come from
+    // the service.
+    let store = DataverseConfig::new(emulator.base_url(), schema)
+        .load_metadata()
+        .await
+        .unwrap()
+        .build()
+        .unwrap();
+    let parent = account("M-1");
+    store
+        .write(&Write::upsert(named(&parent, "Parent")))
+        .await
+        .unwrap();
+    let project = Record::builder(EntityRef::by_key("new_project", [("new_code", "P-1")]).unwrap())
+        .field("new_name", "Project")
+        .lookup("new_accountid", parent.clone())
+        .build()
+        .unwrap();
+    store.write(&Write::upsert(project)).await.unwrap();
+    assert_eq!(emulator.row_count("new_project"), 1);
+}
+
+/// Every request a fake service received: path and headers.
+type Seen = Arc<std::sync::Mutex<Vec<(String, axum::http::HeaderMap)>>>;
+
+/// A fake service that answers 404 to everything and remembers what it was sent.
+async fn recording_service() -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        record
+            .lock()
+            .unwrap()
+            .push((request.uri().to_string(), request.headers().clone()));
+        async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                [("content-type", "application/json")],
+                r#"{"error":{"code":"0x80060891","message":"A record with the specified key values does not exist in account entity"}}"#,
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    // Stops with the test's runtime.
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}"), seen)
+}
+
+#[tokio::test]
+async fn requests_carry_request_ids_one_correlation_id_per_operation_and_the_optional_headers() {
+    let (url, seen) = recording_service().await;
+    let store = dataverse::conformance_settings(DataverseConfig::new(url, conformance::schema()))
+        .with_static_token("t0ken")
+        .with_bypass_custom_plugins(true)
+        .build()
+        .unwrap();
+    let id = Uuid::from_u128(0xC0FFEE);
+    eventual_upsert::correlation::scope(id, async {
+        assert_eq!(store.read(&account("H-1")).await.unwrap(), None);
+        assert_eq!(store.read(&account("H-2")).await.unwrap(), None);
+    })
+    .await;
+    assert_eq!(store.read(&account("H-3")).await.unwrap(), None);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    let header = |i: usize, name: &str| {
+        seen[i]
+            .1
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let correlation = |i| header(i, "x-ms-correlation-request-id");
+    assert_eq!(
+        correlation(0),
+        Some(id.to_string()),
+        "the caller's correlation id"
+    );
+    assert_eq!(correlation(1), Some(id.to_string()));
+    assert!(
+        correlation(2).is_some_and(|c| c != id.to_string()),
+        "a new one outside the scope"
+    );
+    let request_ids: std::collections::BTreeSet<_> = (0..3)
+        .map(|i| header(i, "x-ms-client-request-id"))
+        .collect();
+    assert_eq!(
+        request_ids.len(),
+        3,
+        "one request id per request: {request_ids:?}"
+    );
+    assert!(request_ids.iter().all(Option::is_some));
+    assert_eq!(
+        header(0, "mscrm.bypasscustompluginexecution").as_deref(),
+        Some("true")
+    );
+    assert_eq!(header(0, "authorization").as_deref(), Some("Bearer t0ken"));
+    assert_eq!(header(0, "odata-version").as_deref(), Some("4.0"));
+    assert!(
+        !format!("{store:?}").contains("t0ken"),
+        "the token stays out of Debug"
+    );
 }

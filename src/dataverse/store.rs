@@ -335,6 +335,19 @@ impl DataverseStore {
         }
     }
 
+    /// Applies up to 1,000 writes all or nothing, in one `$batch` change set: either every write is applied or
+    /// none is, and the error is the one of the write that failed (the service rolls the others back). For writes
+    /// that must not be seen half done (an order and its lines). Placeholders are never sent this way by the
+    /// writer: one conflict would roll back every other placeholder.
+    pub async fn write_atomic(&self, writes: &[Write]) -> Result<Vec<WriteOutcome>> {
+        self.operation(
+            "write_atomic",
+            writes.len(),
+            self.inner.write_atomic(writes),
+        )
+        .await
+    }
+
     /// Deletes a record; `Ok(false)` if it did not exist. Not part of [`RecordStore`] (the pattern never deletes);
     /// here for cleaning up after tests and for tools.
     pub async fn delete(&self, reference: &EntityRef) -> Result<bool> {
@@ -1114,6 +1127,126 @@ impl Inner {
             }));
         }
         responses
+    }
+
+    async fn write_atomic(&self, writes: &[Write]) -> Result<Vec<WriteOutcome>> {
+        if writes.len() > batch::MAX_OPERATIONS {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "an atomic write takes at most {} writes, got {}",
+                    batch::MAX_OPERATIONS,
+                    writes.len()
+                ),
+            });
+        }
+        let mut operations = Vec::with_capacity(writes.len());
+        for (n, write) in writes.iter().enumerate() {
+            let table = self.table(write.record.table())?;
+            table.schema.check_write(&write.record)?;
+            if write.record.state == HydrationState::Placeholder
+                && write.precondition != Precondition::CreateOnly
+            {
+                return Err(Error::InvalidValue {
+                    reference: Box::new(write.record.reference.clone()),
+                    field: table
+                        .state_column
+                        .clone()
+                        .unwrap_or_else(|| table.schema.primary_id.clone()),
+                    reason: "a placeholder goes in an atomic write only as create-only".into(),
+                });
+            }
+            let state =
+                (write.precondition == Precondition::CreateOnly).then_some(write.record.state);
+            let operation =
+                self.write_operation(table, write, state, &write.record.reference.key)?;
+            operations.push(operation.content_id((n + 1).to_string()));
+        }
+        let idempotent = operations
+            .iter()
+            .all(|op| op.header_value("If-None-Match").is_none());
+        let mut request = BatchRequest::new();
+        request.parts = vec![Part::ChangeSet(operations)];
+        let http = Request::new(Method::POST, "$batch".into(), "batch")
+            .body(request.content_type(), request.encode(API_PATH))
+            .idempotent(idempotent);
+        let context = self.context(None, None);
+        let response = self.execute(http, &context).await?;
+        let content_type = response
+            .header("content-type")
+            .unwrap_or_default()
+            .to_owned();
+        if !content_type.starts_with("multipart/") {
+            return Err(self.error(&response, &context));
+        }
+        let parts =
+            batch::parse_response(&content_type, &response.body).map_err(|e| Error::Backend {
+                backend: self.backend().to_owned(),
+                message: e.to_string(),
+                retryable: false,
+                source: None,
+            })?;
+        let responses: Vec<OperationResponse> = parts
+            .into_iter()
+            .flat_map(|part| match part {
+                ResponsePart::Single(r) => vec![r],
+                ResponsePart::ChangeSet(rs) => rs,
+            })
+            .collect();
+        // A failed change set answers with one error part, naming the failing operation by Content-ID.
+        if let Some(failed) = responses
+            .iter()
+            .find(|r| !matches!(r.status, 200 | 201 | 204))
+        {
+            let index = failed
+                .content_id
+                .as_deref()
+                .and_then(|id| id.parse::<usize>().ok())
+                .and_then(|n| n.checked_sub(1))
+                .filter(|&i| i < writes.len());
+            return Err(match index {
+                Some(i) => {
+                    let table = self.table(writes[i].record.table())?;
+                    self.operation_error(table, &writes[i], failed).await
+                }
+                None => self.error(&response, &context),
+            });
+        }
+        if responses.len() != writes.len() {
+            return Err(Error::Backend {
+                backend: self.backend().to_owned(),
+                message: format!(
+                    "the change set answered {} parts for {} writes",
+                    responses.len(),
+                    writes.len()
+                ),
+                retryable: false,
+                source: None,
+            });
+        }
+        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
+        let mut clears = Vec::new();
+        for (i, (write, response)) in writes.iter().zip(&responses).enumerate() {
+            let table = self.table(write.record.table())?;
+            match self.batched_outcome(table, write, response).await? {
+                Outcome::Done(outcome) => outcomes[i] = Some(outcome),
+                Outcome::Hydrate(applied) => clears.push((i, applied)),
+            }
+        }
+        // The data is committed; clearing the placeholder marks of hydrated rows follows, as for batches.
+        for (i, result) in self.clear_placeholders(writes, clears).await {
+            outcomes[i] = Some(result?);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.ok_or_else(|| Error::Backend {
+                    backend: self.backend().to_owned(),
+                    message: "a write of the change set has no outcome".into(),
+                    retryable: false,
+                    source: None,
+                })
+            })
+            .collect()
     }
 
     async fn supports_bulk(&self, table: &TableName) -> Result<bool> {
