@@ -352,10 +352,7 @@ impl DataverseStore {
     /// here for cleaning up after tests and for tools.
     pub async fn delete(&self, reference: &EntityRef) -> Result<bool> {
         let inner = &self.inner;
-        let table = inner.table(&reference.table)?;
-        if let Key::Alternate(key) = &reference.key {
-            table.schema.key_address(key)?;
-        }
+        let table = inner.addressed(reference)?;
         let context = inner.context(Some(reference), None);
         let request = Request::new(Method::DELETE, table.address(&reference.key), "delete");
         let response = inner.execute(request, &context).await?;
@@ -437,11 +434,17 @@ impl Inner {
         &self.transport.name
     }
 
-    async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
+    /// The table of a record address, after checking that its key is one the table declares.
+    fn addressed(&self, reference: &EntityRef) -> Result<&TableInfo> {
         let table = self.table(&reference.table)?;
         if let Key::Alternate(key) = &reference.key {
             table.schema.key_address(key)?;
         }
+        Ok(table)
+    }
+
+    async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
+        let table = self.addressed(reference)?;
         let context = self.context(Some(reference), None);
         let request = Request::new(Method::GET, table.read_path(&reference.key), "read");
         let response = self.execute(request, &context).await?;
