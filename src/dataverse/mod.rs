@@ -16,4 +16,4 @@ mod tables;
 
 pub use client::{CLIENT_REQUEST_HEADER, CORRELATION_HEADER, TransportStats};
 pub use config::{API_PATH, BulkSupport, DataverseConfig, DataverseTable, MAX_PARALLEL_REQUESTS};
-pub use store::{BulkReport, DataverseStore};
+pub use store::{BulkReport, ChangePage, DataverseStore, RowChange};

@@ -65,6 +65,26 @@ struct Inner {
     bulk_probe: tokio::sync::Mutex<BTreeMap<TableName, bool>>,
 }
 
+/// One page of a table's changes ([`DataverseStore::changes`]).
+#[derive(Debug)]
+pub struct ChangePage {
+    /// The changes, in the service's order (new and updated rows, then deletions).
+    pub changes: Vec<RowChange>,
+    /// Where to read on: the next page, or (when [`complete`](Self::complete)) the delta link for later changes.
+    pub next: String,
+    /// Whether this was the last page for now.
+    pub complete: bool,
+}
+
+/// One change of one row.
+#[derive(Debug)]
+pub enum RowChange {
+    /// The row as it is now (created or updated since the last read).
+    Upserted(StoredRecord),
+    /// The row was deleted.
+    Deleted(EntityRef),
+}
+
 /// What one bulk upsert did: one result per record, in input order.
 #[derive(Debug)]
 pub struct BulkReport {
@@ -346,6 +366,80 @@ impl DataverseStore {
             self.inner.write_atomic(writes),
         )
         .await
+    }
+
+    /// One page of `table`'s changes, by Dataverse change tracking: from the start (`from` = `None`: every row,
+    /// then a delta link) or from the `next` link of an earlier page. Rows come back as they are now (by id, with
+    /// their row version); deletions as their address. Keep [`ChangePage::next`] to read on from there.
+    pub async fn changes(
+        &self,
+        table: &TableName,
+        from: Option<&str>,
+        page_size: usize,
+    ) -> Result<ChangePage> {
+        let inner = &self.inner;
+        let info = inner.table(table)?;
+        let path = match from {
+            Some(link) => link.to_owned(),
+            None => info.read_path_collection(),
+        };
+        let page_size = page_size.clamp(1, 5000);
+        let request = Request::new(Method::GET, path, "changes").header(
+            "Prefer",
+            format!("odata.track-changes,odata.maxpagesize={page_size}"),
+        );
+        let context = inner.context(None, None);
+        let response = inner.execute(request, &context).await?;
+        if response.status != 200 {
+            return Err(inner.error(&response, &context));
+        }
+        let mut body = response.json(self.backend())?;
+        let malformed = |what: &str| Error::Backend {
+            backend: self.backend().to_owned(),
+            message: format!("table '{table}': a change-tracking response {what}"),
+            retryable: false,
+            source: None,
+        };
+        let Some(Value::Array(rows)) = body.get_mut("value").map(Value::take) else {
+            return Err(malformed("without a value array"));
+        };
+        let mut changes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let deleted = row
+                .get("@odata.context")
+                .and_then(Value::as_str)
+                .is_some_and(|c| c.ends_with("$deletedEntity"));
+            if deleted {
+                let id = row
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .and_then(|s| uuid::Uuid::parse_str(s).ok())
+                    .ok_or_else(|| malformed("with a deleted row without its id"))?;
+                changes.push(RowChange::Deleted(EntityRef::by_id(table.clone(), id)?));
+            } else {
+                changes.push(RowChange::Upserted(
+                    info.stored(info.row(self.backend(), row)?)?,
+                ));
+            }
+        }
+        let (link, complete) = match (
+            body.get("@odata.nextLink").and_then(Value::as_str),
+            body.get("@odata.deltaLink").and_then(Value::as_str),
+        ) {
+            (Some(next), _) => (next, false),
+            (None, Some(delta)) => (delta, true),
+            (None, None) => return Err(malformed("with neither a next link nor a delta link")),
+        };
+        // Links are absolute; they are kept relative to the service root and otherwise as given (never edited).
+        let next = link
+            .strip_prefix(inner.transport.root.as_str())
+            .ok_or_else(|| malformed("whose link leaves the service root"))?
+            .to_owned();
+        Ok(ChangePage {
+            changes,
+            next,
+            complete,
+        })
     }
 
     /// Deletes a record; `Ok(false)` if it did not exist. Not part of [`RecordStore`] (the pattern never deletes);

@@ -35,6 +35,8 @@
 //! [`SyncStats`] explains why).
 
 mod applier;
+#[cfg(feature = "dataverse")]
+mod dataverse_source;
 mod event;
 mod ledger;
 mod mapping;
@@ -45,6 +47,8 @@ mod stats;
 pub mod ledger_conformance;
 
 pub use applier::{Applier, ApplierBuilder, Disposition, ReplayReport};
+#[cfg(feature = "dataverse")]
+pub use dataverse_source::DataverseChangeSource;
 pub use event::{ChangeEvent, ChangeKind, SCHEMA_VERSION};
 pub use ledger::{DeadLetter, Ledger, LedgerSnapshot, MemoryLedger, SourceRecord};
 pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};
