@@ -376,3 +376,82 @@ async fn a_ledger_that_stays_down_stops_the_applier_without_settling() {
         "received but not settled: it will be redelivered"
     );
 }
+
+#[tokio::test]
+async fn a_batch_writes_the_newest_version_per_record_and_settles_every_event() {
+    let s = setup(|b| b);
+    let events = vec![
+        account_event(1, 1, "v1"),
+        account_event(1, 3, "v3"),
+        account_event(1, 2, "v2"),
+        account_event(1, 3, "v3").with_event_id("redelivered"),
+        contact_event(100, 2, 1), // its account arrives later in the batch
+        account_event(2, 1, "Two"),
+    ];
+    let dispositions = s.applier.apply_batch(events).await.unwrap();
+    let kinds: Vec<&str> = dispositions
+        .iter()
+        .map(|d| match d {
+            Disposition::Applied(_) => "applied",
+            Disposition::Duplicate => "duplicate",
+            Disposition::Stale { .. } => "stale",
+            Disposition::Echo => "echo",
+            Disposition::DeadLettered(_) => "dead",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "stale",
+            "applied",
+            "stale",
+            "duplicate",
+            "applied",
+            "applied"
+        ]
+    );
+    assert_eq!(
+        name_of(&s.store, &account_by_id(1)).await,
+        Some(json!("v3"))
+    );
+    let account = s.store.read(&account_by_id(2)).await.unwrap().unwrap();
+    assert_eq!(account.record.state, HydrationState::Hydrated);
+    let stats = s.applier.stats();
+    assert!(stats.is_accounted(), "{stats:?}");
+    assert_eq!(stats.received, 6);
+    // The batch after: an older version is stale, the same event a duplicate.
+    let again = s
+        .applier
+        .apply_batch(vec![
+            account_event(1, 2, "v2").with_event_id("late-v2"),
+            account_event(1, 3, "v3"),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(again[0], Disposition::Stale { applied: 3 }));
+    assert!(matches!(again[1], Disposition::Duplicate));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_retries_transient_failures_and_dead_letters_only_the_poison() {
+    let strict = Mapping::from_json(
+        r#"{"tables":{"account":{"values":{"name":{"map":{"Good":"Good"},"on_unknown":"reject"}}}}}"#,
+    )
+    .unwrap();
+    let s = setup(|b| b.mapping(strict));
+    s.store
+        .faults()
+        .fail_next(2, eventual_upsert::memory::Fault::Unavailable);
+    let events = vec![
+        account_event(1, 1, "Good"),
+        account_event(2, 1, "Poison"),
+        account_event(3, 1, "Good"),
+    ];
+    let dispositions = s.applier.apply_batch(events).await.unwrap();
+    assert!(matches!(dispositions[0], Disposition::Applied(_)));
+    assert!(matches!(dispositions[1], Disposition::DeadLettered(_)));
+    assert!(matches!(dispositions[2], Disposition::Applied(_)));
+    let stats = s.applier.stats();
+    assert!(stats.retried > 0 && stats.is_accounted(), "{stats:?}");
+    assert_eq!(s.ledger.dead_letter_count().await.unwrap(), 1);
+}

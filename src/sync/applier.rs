@@ -1,7 +1,8 @@
 //! [`Applier`]: writes change events into a target store, idempotently, in order, hydrating placeholders, and
 //! settles every event (applied, skipped with a reason, or dead-lettered).
 
-use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -278,6 +279,206 @@ impl Applier {
         Ok(out)
     }
 
+    /// Applies a batch of events with one store batch per round (for Dataverse: placeholders and writes in
+    /// `$batch` requests), the throughput path of a sync. The same rules as [`apply`](Self::apply), with these
+    /// differences: of several events for one record in the batch only the newest is written (the others settle
+    /// as stale or duplicate), retries resend only the writes that failed transiently, and a batch whose every
+    /// write fails transiently counts as one failure for the circuit breaker. `Err` only when the ledger failed;
+    /// events settled before that stay settled.
+    pub async fn apply_batch(&self, events: Vec<ChangeEvent>) -> Result<Vec<Disposition>> {
+        let span = tracing::info_span!("sync_batch", events = events.len());
+        self.apply_batch_inner(events).instrument(span).await
+    }
+
+    async fn apply_batch_inner(&self, events: Vec<ChangeEvent>) -> Result<Vec<Disposition>> {
+        self.counters.add(Counter::Received, events.len() as u64);
+        let mut out: Vec<Option<Disposition>> = vec![None; events.len()];
+        let sources: Vec<SourceRecord> = events.iter().map(ChangeEvent::source_record).collect();
+        // The newest event per record in this batch; older ones settle here.
+        let mut newest: HashMap<&SourceRecord, usize> = HashMap::new();
+        for (i, event) in events.iter().enumerate() {
+            if let Some(skipped) = self.precheck(event, &sources[i], false).await? {
+                out[i] = Some(skipped);
+                continue;
+            }
+            let older = match newest.entry(&sources[i]) {
+                Entry::Vacant(slot) => {
+                    slot.insert(i);
+                    continue;
+                }
+                Entry::Occupied(mut slot) => {
+                    let j = *slot.get();
+                    if event.source_version > events[j].source_version {
+                        slot.insert(i);
+                        (j, event.source_version)
+                    } else {
+                        (i, events[j].source_version)
+                    }
+                }
+            };
+            let (k, applied) = older;
+            let (counter, disposition) = match events[k].source_version == applied {
+                true => (Counter::Duplicate, Disposition::Duplicate),
+                false => (Counter::Stale, Disposition::Stale { applied }),
+            };
+            out[k] = Some(
+                self.skip(&events[k], &sources[k], counter, disposition)
+                    .await?,
+            );
+        }
+        let mut pending = Vec::new();
+        let mut chosen: Vec<usize> = newest.into_values().collect();
+        chosen.sort_unstable();
+        for i in chosen {
+            match self.prepare(&events[i]).await {
+                Ok(record) => pending.push((i, record)),
+                Err(PrepareError::Ledger(e)) => return Err(e),
+                Err(PrepareError::Event(e)) => {
+                    out[i] = Some(
+                        self.finish(&events[i], &sources[i], Err(e), 0, false)
+                            .await?,
+                    )
+                }
+            }
+        }
+        for (i, written, attempts) in self.write_rounds(pending).await {
+            out[i] = Some(
+                self.finish(&events[i], &sources[i], written, attempts, false)
+                    .await?,
+            );
+        }
+        out.into_iter()
+            .map(|d| {
+                d.ok_or_else(|| Error::Backend {
+                    backend: self.writer.store().backend().to_owned(),
+                    message: "an event of the batch was not settled".into(),
+                    retryable: false,
+                    source: None,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes records in batches until each is written, found behind the target, or failed for good. Transient
+    /// failures are resent after the policy's backoff (or the store's `Retry-After`, if longer); while the circuit
+    /// is open, the batch waits.
+    async fn write_rounds(
+        &self,
+        mut pending: Vec<(usize, Record)>,
+    ) -> Vec<(usize, Result<Written>, u32)> {
+        let waits = self.retry.backoff_waits();
+        let max_attempts = self.retry.max_attempts.max(1);
+        let mut done = Vec::with_capacity(pending.len());
+        let mut attempt = 0u32;
+        while !pending.is_empty() {
+            attempt += 1;
+            if attempt > 1 {
+                self.counters.add(Counter::Retried, pending.len() as u64);
+            }
+            let mut writes = Vec::with_capacity(pending.len());
+            let mut ready = Vec::with_capacity(pending.len());
+            for (i, record) in std::mem::take(&mut pending) {
+                match self.target_check(&record).await {
+                    Ok(Err(ahead)) => done.push((i, Ok(ahead), attempt)),
+                    Ok(Ok(write)) => {
+                        writes.push(write);
+                        ready.push((i, record));
+                    }
+                    Err(e) if e.is_retryable() && attempt < max_attempts => {
+                        pending.push((i, record))
+                    }
+                    Err(e) => done.push((i, Err(e), attempt)),
+                }
+            }
+            let called = self
+                .breaker
+                .call(|| async {
+                    let report = self.writer.write_batch(writes).await;
+                    // A batch whose every write failed transiently is one failure of the target.
+                    match report
+                        .results
+                        .iter()
+                        .all(|r| matches!(r, Err(e) if e.is_retryable()))
+                    {
+                        true if !report.results.is_empty() => Err(report
+                            .results
+                            .into_iter()
+                            .find_map(Result::err)
+                            .unwrap_or_else(|| Error::Backend {
+                                backend: String::new(),
+                                message: "empty batch".into(),
+                                retryable: true,
+                                source: None,
+                            })),
+                        _ => Ok(report),
+                    }
+                })
+                .await;
+            let mut wait = waits
+                .get(attempt.saturating_sub(1) as usize)
+                .copied()
+                .unwrap_or(self.retry.max_backoff);
+            match called {
+                Err(Error::CircuitOpen { retry_after, .. }) => {
+                    // Paused, not failed: the attempt does not count.
+                    attempt -= 1;
+                    pending.extend(ready);
+                    wait = retry_after.max(Duration::from_millis(1));
+                }
+                Err(e) => {
+                    wait = wait.max(e.retry_after().unwrap_or_default());
+                    for (i, record) in ready {
+                        match e.is_retryable() && attempt < max_attempts {
+                            true => pending.push((i, record)),
+                            false => done.push((i, Err(e.clone()), attempt)),
+                        }
+                    }
+                }
+                Ok(report) => {
+                    let created = report.ensured.created().count() as u64;
+                    self.counters.add(Counter::PlaceholdersCreated, created);
+                    for ((i, record), result) in ready.into_iter().zip(report.results) {
+                        match result {
+                            Ok(outcome) => done.push((i, Ok(Written::Applied(outcome)), attempt)),
+                            // Changed between the check and the write: check again.
+                            Err(Error::VersionMismatch { .. } | Error::NotFound { .. })
+                                if self.check_target && attempt < max_attempts =>
+                            {
+                                pending.push((i, record))
+                            }
+                            Err(e) if e.is_retryable() && attempt < max_attempts => {
+                                wait = wait.max(e.retry_after().unwrap_or_default());
+                                pending.push((i, record));
+                            }
+                            Err(e) => done.push((i, Err(e), attempt)),
+                        }
+                    }
+                }
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        done
+    }
+
+    /// The write for a record, conditional on the target's version when the target is checked; `Err` with the
+    /// target's source version when the target is already at this version or newer.
+    async fn target_check(&self, record: &Record) -> Result<std::result::Result<Write, Written>> {
+        let mut write = Write::upsert(record.clone());
+        if self.check_target
+            && let Some(current) = self.writer.store().read(&write.record.reference).await?
+        {
+            if let Some(target_version) = current.record.source_version
+                && target_version >= record.source_version.unwrap_or(0)
+            {
+                return Ok(Err(Written::TargetAhead(target_version)));
+            }
+            write.precondition = Precondition::MatchVersion(current.version);
+        }
+        Ok(Ok(write))
+    }
+
     /// Re-applies up to `limit` dead letters, oldest first (after a fix: a mapping corrected, a target back). A
     /// letter whose event now settles is removed; one that fails again stays, with its attempts updated.
     pub async fn replay_dead_letters(&self, limit: usize) -> Result<ReplayReport> {
@@ -308,6 +509,24 @@ impl Applier {
 
     async fn settle(&self, event: ChangeEvent, replay: bool) -> Result<Disposition> {
         let source = event.source_record();
+        if let Some(skipped) = self.precheck(&event, &source, replay).await? {
+            return Ok(skipped);
+        }
+        let (write, attempts) = match self.prepare(&event).await {
+            Ok(record) => self.write(record).await,
+            Err(PrepareError::Ledger(e)) => return Err(e),
+            Err(PrepareError::Event(e)) => (Err(e), 0),
+        };
+        self.finish(&event, &source, write, attempts, replay).await
+    }
+
+    /// Echo, duplicate and stale checks; `Some` when the event is settled without a write.
+    async fn precheck(
+        &self,
+        event: &ChangeEvent,
+        source: &SourceRecord,
+        replay: bool,
+    ) -> Result<Option<Disposition>> {
         let own_write =
             || (self.ledger).is_own_write(&event.source, &source.reference, event.source_version);
         if event
@@ -317,8 +536,9 @@ impl Applier {
             || self.ledger_call(own_write).await?
         {
             return self
-                .skip(&event, &source, Counter::Echo, Disposition::Echo)
-                .await;
+                .skip(event, source, Counter::Echo, Disposition::Echo)
+                .await
+                .map(Some);
         }
         if !replay
             && self
@@ -326,37 +546,34 @@ impl Applier {
                 .await?
         {
             self.counters.incr(Counter::Duplicate);
-            return Ok(Disposition::Duplicate);
+            return Ok(Some(Disposition::Duplicate));
         }
         if let Some(applied) = self
-            .ledger_call(|| self.ledger.applied_version(&source))
+            .ledger_call(|| self.ledger.applied_version(source))
             .await?
             && applied >= event.source_version
         {
-            return match applied == event.source_version {
-                true => {
-                    self.skip(&event, &source, Counter::Duplicate, Disposition::Duplicate)
-                        .await
-                }
-                false => {
-                    self.skip(
-                        &event,
-                        &source,
-                        Counter::Stale,
-                        Disposition::Stale { applied },
-                    )
-                    .await
-                }
+            let (counter, disposition) = match applied == event.source_version {
+                true => (Counter::Duplicate, Disposition::Duplicate),
+                false => (Counter::Stale, Disposition::Stale { applied }),
             };
+            return self
+                .skip(event, source, counter, disposition)
+                .await
+                .map(Some);
         }
-        let (write, attempts) = match self.prepare(&event).await {
-            Ok(record) => {
-                let result = self.write(record).await;
-                (result.0, result.1)
-            }
-            Err(PrepareError::Ledger(e)) => return Err(e),
-            Err(PrepareError::Event(e)) => (Err(e), 0),
-        };
+        Ok(None)
+    }
+
+    /// Settles an event after its write: records it in the ledger and counts it, or dead-letters it.
+    async fn finish(
+        &self,
+        event: &ChangeEvent,
+        source: &SourceRecord,
+        write: Result<Written>,
+        attempts: u32,
+        replay: bool,
+    ) -> Result<Disposition> {
         match write {
             Ok(Written::Applied(outcome)) => {
                 if let Some(instance) = &self.target_instance
@@ -381,7 +598,7 @@ impl Applier {
                 let version = Some(event.source_version);
                 self.ledger_call(|| {
                     self.ledger
-                        .record_processed(&event.event_id, &source, version)
+                        .record_processed(&event.event_id, source, version)
                 })
                 .await?;
                 tracing::debug!(change = ?outcome.change, "applied");
@@ -392,7 +609,7 @@ impl Applier {
                 let version = Some(applied);
                 self.ledger_call(|| {
                     self.ledger
-                        .record_processed(&event.event_id, &source, version)
+                        .record_processed(&event.event_id, source, version)
                 })
                 .await?;
                 let disposition = match applied == event.source_version {
@@ -412,7 +629,7 @@ impl Applier {
                     .await?;
                 if !replay {
                     self.ledger_call(|| {
-                        self.ledger.record_processed(&event.event_id, &source, None)
+                        self.ledger.record_processed(&event.event_id, source, None)
                     })
                     .await?;
                 }
@@ -536,17 +753,10 @@ impl Applier {
     async fn write_once(&self, record: Record) -> Result<Written> {
         const CONTENDED: usize = 5;
         for _ in 0..CONTENDED {
-            let mut write = Write::upsert(record.clone());
-            if self.check_target
-                && let Some(current) = self.writer.store().read(&write.record.reference).await?
-            {
-                if let Some(target_version) = current.record.source_version
-                    && target_version >= record.source_version.unwrap_or(0)
-                {
-                    return Ok(Written::TargetAhead(target_version));
-                }
-                write.precondition = Precondition::MatchVersion(current.version);
-            }
+            let write = match self.target_check(&record).await? {
+                Ok(write) => write,
+                Err(ahead) => return Ok(ahead),
+            };
             match self.writer.write(write).await {
                 Ok(written) => {
                     let created = written.ensured.created().count() as u64;

@@ -102,12 +102,24 @@ impl ChangeSource for QueueSource {
 pub struct Pipeline {
     source: Arc<dyn ChangeSource>,
     applier: Applier,
+    batched: bool,
 }
 
 impl Pipeline {
     /// A pipeline from `source` through `applier`.
     pub fn new(source: Arc<dyn ChangeSource>, applier: Applier) -> Self {
-        Self { source, applier }
+        Self {
+            source,
+            applier,
+            batched: false,
+        }
+    }
+
+    /// Applies each poll's events as one batch ([`Applier::apply_batch`]) instead of one by one: one store batch
+    /// per poll, the throughput setting.
+    pub fn batched(mut self, batched: bool) -> Self {
+        self.batched = batched;
+        self
     }
 
     /// The applier (for its statistics).
@@ -123,8 +135,12 @@ impl Pipeline {
         let checkpoint = ledger.checkpoint(name).await?;
         let batch = self.source.poll(checkpoint.as_deref(), max).await?;
         let count = batch.events.len();
-        for event in batch.events {
-            self.applier.apply(event).await?;
+        if self.batched {
+            self.applier.apply_batch(batch.events).await?;
+        } else {
+            for event in batch.events {
+                self.applier.apply(event).await?;
+            }
         }
         if let Some(checkpoint) = batch.checkpoint {
             ledger.save_checkpoint(name, &checkpoint).await?;
