@@ -781,12 +781,20 @@ impl Applier {
     }
 
     /// Ledger calls are retried like store calls; a ledger that stays down stops the applier.
-    async fn ledger_call<T, F, Fut>(&self, call: F) -> Result<T>
+    async fn ledger_call<T, F, Fut>(&self, mut call: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        self.retry.run(call).await
+        // The first try goes straight through: setting up the retry machinery for every call would cost more than
+        // an in-memory ledger call itself.
+        match call().await {
+            Err(e) if e.is_retryable() => {
+                self.counters.incr(Counter::Retried);
+                self.retry.run(call).await
+            }
+            other => other,
+        }
     }
 }
 
