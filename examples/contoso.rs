@@ -11,7 +11,8 @@
 //! hydration hook. Each run has four phases: initial load, outage (the sync stops; US keeps changing and the LOB
 //! app keeps writing to EU), sync resumes (while EU throttles its first calls), verify.
 //!
-//! Both instances are Dataverse emulators on loopback, written through `DataverseStore` over HTTP (the whole
+//! The sync job is the crate's pipeline applier (`sync::Applier`): US changes become versioned events, applied to
+//! EU idempotently and in order, with retries and a dead-letter queue. Both instances are Dataverse emulators on loopback, written through `DataverseStore` over HTTP (the whole
 //! scenario takes a few seconds); `cargo run --example contoso -- --memory` plays it on in-memory stores instead.
 //!
 //! `cargo run --example contoso` exits with status 1 if run 2 loses a LOB request or does not converge, or if
@@ -26,6 +27,7 @@ use eventual_upsert::dataverse::{DataverseConfig, DataverseStore, DataverseTable
 use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::memory::{Fault, MemoryStore};
 use eventual_upsert::schema::{ColumnType, Schema, TableSchema};
+use eventual_upsert::sync::{Applier, ChangeEvent, Disposition, MemoryLedger, SyncStats};
 use eventual_upsert::{
     EnsuringWriter, EntityRef, Error, Guarded, HydratedRecord, Key, KeyKind, PlaceholderAction,
     Policies, Proceed, Record, RecordStore, Result, RetryPolicy, StoredRecord, TableName,
@@ -139,13 +141,30 @@ async fn run(ensure_then_write: bool, data: &Dataset, http: bool) -> BoxResult<(
             EnsuringWriter::new(eu_store.clone()).with_policy(Policies::clone(&policies)),
         ),
     };
-    let mut lob = LobApp::new(&eu, policies)?;
-    let stats = SyncStats::default();
+    let mut lob = LobApp::new(&eu, policies.clone())?;
+    // The sync is the crate's applier. With ensure-then-write it shares the LOB app's writer (hooks are
+    // in-process); with plain writes it has a writer of its own.
+    let sync_writer = match &eu {
+        Eu::Ensuring(writer) => writer.clone(),
+        Eu::Plain(store) => {
+            EnsuringWriter::new(store.clone()).with_policy(Policies::clone(&policies))
+        }
+    };
+    let applier = Applier::builder(sync_writer, Arc::new(MemoryLedger::new()))
+        .identity("sync-us-eu")
+        .retry(RetryPolicy {
+            initial_backoff: BASE_BACKOFF,
+            max_attempts: MAX_ATTEMPTS,
+            jitter_seed: Some(SEED),
+            ..RetryPolicy::default()
+        })
+        .build(None)?;
     let worker = SyncWorker {
         inbox,
         us: us.store.clone(),
-        eu: eu.clone(),
-        stats,
+        applier,
+        reported: SyncStats::default(),
+        errors: Vec::new(),
     };
 
     // 1. Initial load: everything US holds reaches EU.
@@ -184,13 +203,13 @@ async fn run(ensure_then_write: bool, data: &Dataset, http: bool) -> BoxResult<(
     let sync = tokio::spawn(worker.run());
     let resume = us.flush().await?;
     us.stop(sync).await?;
-    let (replicated, rounds) = (resume.replicated, resume.rounds);
-    // Over HTTP the store retries throttled requests itself (honouring Retry-After); in memory the worker does.
+    let replicated = resume.replicated;
+    // Over HTTP the store retries throttled requests itself (honouring Retry-After); in memory the applier does.
     let retried = resume.retried + eu_instance.requests_retried();
     let errors = [load.errors, resume.errors].concat();
-    let (error_count, s) = (errors.len(), if rounds == 1 { "" } else { "s" });
+    let error_count = errors.len();
     println!(
-        "  3 sync resumes   {replicated} changes replicated; {retried} re-sent after throttling ({rounds} worker round{s}); {error_count} permanent errors"
+        "  3 sync resumes   {replicated} changes replicated; {retried} re-sent after throttling; {error_count} permanent errors"
     );
     for error in errors.iter().take(2) {
         println!("{PAD}! {error}");
@@ -213,7 +232,7 @@ async fn run(ensure_then_write: bool, data: &Dataset, http: bool) -> BoxResult<(
     let checks = [
         (failed == 0, "LOB requests failed"),
         (errors.is_empty(), "the sync hit permanent errors"),
-        (replicated == queued, "queued changes were lost"),
+        (replicated == queued as u64, "queued changes were lost"),
         (differences == 0, "EU differs from what it should hold"),
         (hydrated == placeholders, "placeholders not hydrated"),
         (sent == deferred && pending == 0, "invoices not sent"),
@@ -390,10 +409,10 @@ async fn parent_of(
 /// sent before it.
 #[derive(Debug)]
 enum SyncMessage {
-    /// A record US has written.
-    Change(Record),
+    /// A record US has written, at this row version.
+    Change(Record, u64),
     /// Answered, with what the sync did since the last flush, once every earlier change has been applied.
-    Flush(oneshot::Sender<SyncStats>),
+    Flush(oneshot::Sender<SyncReport>),
     /// Stop consuming: the outage. Later changes wait in the queue until the worker is started again.
     Stop,
 }
@@ -407,15 +426,17 @@ struct Us {
 impl Us {
     async fn save(&self, records: &[Record]) -> BoxResult<()> {
         for record in records {
-            self.store.write(&Write::upsert(record.clone())).await?;
-            self.queue.send(SyncMessage::Change(record.clone()))?;
+            let written = self.store.write(&Write::upsert(record.clone())).await?;
+            let version = written.version.0;
+            self.queue
+                .send(SyncMessage::Change(record.clone(), version))?;
         }
         Ok(())
     }
 
     /// Waits until the sync has applied every change queued so far (no sleeping, no polling), and returns what it
     /// did since the last flush.
-    async fn flush(&self) -> BoxResult<SyncStats> {
+    async fn flush(&self) -> BoxResult<SyncReport> {
         let (done, flushed) = oneshot::channel();
         self.queue.send(SyncMessage::Flush(done))?;
         Ok(flushed.await?)
@@ -438,20 +459,22 @@ enum Eu {
     Ensuring(EnsuringWriter),
 }
 
+/// What the sync did between two flushes.
 #[derive(Debug, Default)]
-struct SyncStats {
-    replicated: usize,
-    retried: usize,      // writes sent again after a transient failure,
-    rounds: usize,       // in this many rounds
-    errors: Vec<String>, // permanent failures: reported, never retried
+struct SyncReport {
+    replicated: u64,
+    retried: u64,        // writes sent again after a transient failure
+    errors: Vec<String>, // events dead-lettered: reported, never lost
 }
 
-/// The US → EU replication job: consumes US changes and writes them to EU under the same GUIDs.
+/// The US → EU replication job: consumes US changes and applies them to EU under the same GUIDs, with the
+/// crate's sync applier (idempotent, ordered, retrying, dead-lettering what cannot be applied).
 struct SyncWorker {
     inbox: mpsc::UnboundedReceiver<SyncMessage>,
     us: Arc<dyn RecordStore>,
-    eu: Eu,
-    stats: SyncStats,
+    applier: Applier,
+    reported: SyncStats, // the applier's counters at the last flush
+    errors: Vec<String>,
 }
 
 impl SyncWorker {
@@ -460,19 +483,19 @@ impl SyncWorker {
         let mut chunk = Vec::new();
         while let Some(message) = self.inbox.recv().await {
             let control = match message {
-                SyncMessage::Change(change) => {
-                    chunk.push(change);
+                SyncMessage::Change(change, version) => {
+                    chunk.push((change, version));
                     None
                 }
                 control => Some(control),
             };
-            // Write the chunk when it is full, when nothing else is queued for now, or before a control message.
+            // Apply the chunk when it is full, when nothing else is queued for now, or before a control message.
             if chunk.len() == SYNC_CHUNK || self.inbox.is_empty() || control.is_some() {
                 self.replicate(std::mem::take(&mut chunk)).await;
             }
             match control {
                 // The flusher may have given up waiting; nothing to do then.
-                Some(SyncMessage::Flush(done)) => _ = done.send(std::mem::take(&mut self.stats)),
+                Some(SyncMessage::Flush(done)) => _ = done.send(self.report()),
                 Some(SyncMessage::Stop) => break,
                 _ => {}
             }
@@ -480,47 +503,37 @@ impl SyncWorker {
         self
     }
 
-    /// Writes a chunk to EU in one batch, accounts and contacts together: the ensuring writer sees that a
-    /// contact's `account(accountnumber='…')` is an account the batch writes by GUID, and writes that one first.
-    /// Writes that fail transiently are sent again after the wait the store asked for (or a doubling backoff).
-    async fn replicate(&mut self, records: Vec<Record>) {
-        let mut writes = Vec::new();
-        for record in records {
-            match self.eu_write(record).await {
-                Ok(write) => writes.push(write),
-                Err(err) => self.stats.errors.push(err.to_string()),
+    fn report(&mut self) -> SyncReport {
+        let now = self.applier.stats();
+        let report = SyncReport {
+            replicated: now.applied - self.reported.applied,
+            retried: now.retried - self.reported.retried,
+            errors: std::mem::take(&mut self.errors),
+        };
+        self.reported = now;
+        report
+    }
+
+    /// Applies a chunk of changes to EU as one batch of events, accounts and contacts together: the ensuring
+    /// writer sees that a contact's `account(accountnumber='…')` is an account the batch writes by GUID, and
+    /// writes that one first.
+    async fn replicate(&mut self, changes: Vec<(Record, u64)>) {
+        let mut events = Vec::new();
+        for (record, version) in changes {
+            match self.eu_record(record).await {
+                Ok(record) => events.push(ChangeEvent::upsert("us", &record, version)),
+                Err(err) => self.errors.push(err.to_string()),
             }
         }
-        let mut attempt = 0;
-        while !writes.is_empty() {
-            let results = match &self.eu {
-                Eu::Ensuring(writer) => writer.write_batch(writes.clone()).await.results,
-                Eu::Plain(store) => {
-                    let mut results = Vec::new();
-                    for write in &writes {
-                        results.push(store.write(write).await);
+        match self.applier.apply_batch(events).await {
+            Ok(dispositions) => {
+                for disposition in dispositions {
+                    if let Disposition::DeadLettered(err) = disposition {
+                        self.errors.push(err.to_string());
                     }
-                    results
-                }
-            };
-            let (mut retry, mut wait) = (Vec::new(), Duration::ZERO);
-            for (write, result) in writes.into_iter().zip(results) {
-                match result {
-                    Ok(_) => self.stats.replicated += 1,
-                    Err(err) if err.is_retryable() && attempt + 1 < MAX_ATTEMPTS => {
-                        let backoff = BASE_BACKOFF * 2u32.pow(attempt);
-                        wait = wait.max(err.retry_after().unwrap_or(backoff));
-                        retry.push(write);
-                    }
-                    Err(err) => self.stats.errors.push(err.to_string()),
                 }
             }
-            if !retry.is_empty() {
-                self.stats.retried += retry.len();
-                self.stats.rounds += 1;
-                tokio::time::sleep(wait).await;
-            }
-            (attempt, writes) = (attempt + 1, retry);
+            Err(err) => self.errors.push(format!("the ledger failed: {err}")),
         }
     }
 
@@ -528,13 +541,13 @@ impl SyncWorker {
     /// number. Why: an account the LOB app referenced by number during the outage got a placeholder under an EU
     /// GUID of its own, which the sync hydrates, so the account keeps that EU GUID; its number is the same on both
     /// instances.
-    async fn eu_write(&self, mut record: Record) -> Result<Write> {
+    async fn eu_record(&self, mut record: Record) -> Result<Record> {
         if let Some(parent) = record.lookups.get_mut(PARENT) {
             let account = self.us.read(parent).await?;
             let number = account.as_ref().and_then(|a| number(&a.record));
             *parent = account_by_number(number.ok_or_else(|| not_found(parent))?)?;
         }
-        Ok(Write::upsert(record))
+        Ok(record)
     }
 }
 
@@ -796,9 +809,9 @@ impl Instance {
     }
 
     /// Requests the store itself sent again after a transient failure.
-    fn requests_retried(&self) -> usize {
+    fn requests_retried(&self) -> u64 {
         match self {
-            Self::Http { store, .. } => store.stats().retries as usize,
+            Self::Http { store, .. } => store.stats().retries,
             Self::Memory(_) => 0,
         }
     }
