@@ -576,6 +576,13 @@ impl Applier {
     ) -> Result<Disposition> {
         match write {
             Ok(Written::Applied(outcome)) => {
+                // Work done is counted as it happens; the event itself settles (Applied) only once the ledger has
+                // recorded it: a ledger failure below leaves it unsettled, to be redelivered.
+                if outcome.became_hydrated()
+                    && outcome.previous_state == Some(HydrationState::Placeholder)
+                {
+                    self.counters.incr(Counter::Hydrated);
+                }
                 if let Some(instance) = &self.target_instance
                     && outcome.change != crate::store::Change::Unchanged
                 {
@@ -589,18 +596,13 @@ impl Applier {
                     };
                     self.ledger_call(own).await?;
                 }
-                self.counters.incr(Counter::Applied);
-                if outcome.became_hydrated()
-                    && outcome.previous_state == Some(HydrationState::Placeholder)
-                {
-                    self.counters.incr(Counter::Hydrated);
-                }
                 let version = Some(event.source_version);
                 self.ledger_call(|| {
                     self.ledger
                         .record_processed(&event.event_id, source, version)
                 })
                 .await?;
+                self.counters.incr(Counter::Applied);
                 tracing::debug!(change = ?outcome.change, "applied");
                 Ok(Disposition::Applied(outcome))
             }
@@ -632,8 +634,9 @@ impl Applier {
                         self.ledger.record_processed(&event.event_id, source, None)
                     })
                     .await?;
+                    // A replay that fails again settles nothing: its letter stays where it was (see SyncStats).
+                    self.counters.incr(Counter::DeadLettered);
                 }
-                self.counters.incr(Counter::DeadLettered);
                 Ok(Disposition::DeadLettered(error))
             }
         }
@@ -757,16 +760,25 @@ impl Applier {
                 Ok(write) => write,
                 Err(ahead) => return Ok(ahead),
             };
-            match self.writer.write(write).await {
-                Ok(written) => {
-                    let created = written.ensured.created().count() as u64;
-                    self.counters.add(Counter::PlaceholdersCreated, created);
-                    return Ok(Written::Applied(written.outcome));
-                }
+            // A batch of one rather than `write`: its report says which placeholders were created even when the
+            // write itself then fails, and they exist all the same.
+            let report = self.writer.write_batch([write]).await;
+            let created = report.ensured.created().count() as u64;
+            self.counters.add(Counter::PlaceholdersCreated, created);
+            match report.results.into_iter().next() {
+                Some(Ok(outcome)) => return Ok(Written::Applied(outcome)),
                 // Someone wrote the record between the read and the write: read again.
-                Err(Error::VersionMismatch { .. } | Error::NotFound { .. })
+                Some(Err(Error::VersionMismatch { .. } | Error::NotFound { .. }))
                     if self.check_target => {}
-                Err(e) => return Err(e),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(Error::Backend {
+                        backend: self.writer.store().backend().to_owned(),
+                        message: "a batch of one write returned no result".into(),
+                        retryable: false,
+                        source: None,
+                    });
+                }
             }
         }
         Err(Error::Backend {
