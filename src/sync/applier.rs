@@ -296,9 +296,11 @@ impl Applier {
             match disposition {
                 Disposition::DeadLettered(error) => report.failed.push((event_id, error)),
                 _ => {
+                    // Counted with the settlement it pairs with, before the removal: if the removal fails (or
+                    // the worker stops), the letter stays and its next replay settles and counts again.
+                    self.counters.incr(Counter::Replayed);
                     self.ledger_call(|| self.ledger.remove_dead_letter(&event_id))
                         .await?;
-                    self.counters.incr(Counter::Replayed);
                     report.replayed += 1;
                 }
             }
@@ -359,6 +361,13 @@ impl Applier {
         };
         match write {
             Ok(Written::Applied(outcome)) => {
+                // Work done, counted as it happens; the event itself settles (Applied) only once the ledger
+                // has recorded it: a ledger failure below leaves it unsettled, to be redelivered.
+                if outcome.became_hydrated()
+                    && outcome.previous_state == Some(HydrationState::Placeholder)
+                {
+                    self.counters.incr(Counter::Hydrated);
+                }
                 if let Some(instance) = &self.target_instance
                     && outcome.change != crate::store::Change::Unchanged
                 {
@@ -372,18 +381,13 @@ impl Applier {
                     };
                     self.ledger_call(own).await?;
                 }
-                self.counters.incr(Counter::Applied);
-                if outcome.became_hydrated()
-                    && outcome.previous_state == Some(HydrationState::Placeholder)
-                {
-                    self.counters.incr(Counter::Hydrated);
-                }
                 let version = Some(event.source_version);
                 self.ledger_call(|| {
                     self.ledger
                         .record_processed(&event.event_id, &source, version)
                 })
                 .await?;
+                self.counters.incr(Counter::Applied);
                 tracing::debug!(change = ?outcome.change, "applied");
                 Ok(Disposition::Applied(outcome))
             }
@@ -415,8 +419,9 @@ impl Applier {
                         self.ledger.record_processed(&event.event_id, &source, None)
                     })
                     .await?;
+                    // A replay that fails again settles nothing: its letter stays where it was (see SyncStats).
+                    self.counters.incr(Counter::DeadLettered);
                 }
-                self.counters.incr(Counter::DeadLettered);
                 Ok(Disposition::DeadLettered(error))
             }
         }
@@ -547,16 +552,25 @@ impl Applier {
                 }
                 write.precondition = Precondition::MatchVersion(current.version);
             }
-            match self.writer.write(write).await {
-                Ok(written) => {
-                    let created = written.ensured.created().count() as u64;
-                    self.counters.add(Counter::PlaceholdersCreated, created);
-                    return Ok(Written::Applied(written.outcome));
-                }
+            // A batch of one rather than `write`: its report says which placeholders were created even when the
+            // write itself then fails, and they exist all the same.
+            let report = self.writer.write_batch([write]).await;
+            let created = report.ensured.created().count() as u64;
+            self.counters.add(Counter::PlaceholdersCreated, created);
+            match report.results.into_iter().next() {
+                Some(Ok(outcome)) => return Ok(Written::Applied(outcome)),
                 // Someone wrote the record between the read and the write: read again.
-                Err(Error::VersionMismatch { .. } | Error::NotFound { .. })
+                Some(Err(Error::VersionMismatch { .. } | Error::NotFound { .. }))
                     if self.check_target => {}
-                Err(e) => return Err(e),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(Error::Backend {
+                        backend: self.writer.store().backend().to_owned(),
+                        message: "a batch of one write returned no result".into(),
+                        retryable: false,
+                        source: None,
+                    });
+                }
             }
         }
         Err(Error::Backend {
