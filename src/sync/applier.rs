@@ -497,9 +497,11 @@ impl Applier {
             match disposition {
                 Disposition::DeadLettered(error) => report.failed.push((event_id, error)),
                 _ => {
+                    // Counted with its settlement: if removing the letter fails, the next replay settles and
+                    // counts it again, so settlements and replays still match.
+                    self.counters.incr(Counter::Replayed);
                     self.ledger_call(|| self.ledger.remove_dead_letter(&event_id))
                         .await?;
-                    self.counters.incr(Counter::Replayed);
                     report.replayed += 1;
                 }
             }
