@@ -609,6 +609,8 @@ struct Hydrations {
 
 /// Everything that survives a worker crash: the stores, the ledger, the queue, the configuration.
 struct World {
+    /// Whether polls are applied as batches.
+    batched: bool,
     schema: Schema,
     source: Arc<MemoryStore>,
     target: Arc<MemoryStore>,
@@ -663,7 +665,10 @@ impl World {
         let lob_writer = EnsuringWriter::new(recorder.clone()).with_policy(policy.clone());
         count_hydrations(&lob_writer, &hydrations);
         let ledger = Arc::new(MemoryLedger::new());
+        // Half the seeds apply each poll as one batch (`Applier::apply_batch`), half one event at a time.
+        let batched = rng.percent(50);
         World {
+            batched,
             schema,
             source,
             target,
@@ -697,7 +702,7 @@ impl World {
             .breaker(self.breaker.clone())
             .build(Some(&self.schema))
             .unwrap();
-        let pipeline = Pipeline::new(self.queue.clone(), applier.clone());
+        let pipeline = Pipeline::new(self.queue.clone(), applier.clone()).batched(self.batched);
         (applier, pipeline)
     }
 }
@@ -1236,6 +1241,20 @@ impl Sim {
     // --- the worker ---------------------------------------------------------------------------------------------
 
     /// A worker crash: the pipeline and applier are dropped and a new one starts from the ledger.
+    /// What an interrupted poll may leave unsettled. One event at a time: the one in `apply` (or none, when the
+    /// checkpoint read or save failed). As a batch: `apply_batch` receives the whole poll at once and settles it
+    /// event by event, so any number up to the batch may be in flight.
+    fn interruption_is_consistent(&self, received: u64, unsettled: u64, batch: u64) -> bool {
+        if self.world.batched {
+            return (received == 0 || received == batch) && unsettled <= received;
+        }
+        match unsettled {
+            1 => received <= batch,
+            0 => received == 0 || received == batch,
+            _ => false,
+        }
+    }
+
     fn restart(&mut self) {
         self.crashes += 1;
         let (applier, pipeline) = self.world.worker();
@@ -1317,11 +1336,7 @@ impl Sim {
             PollEnd::Failed(error) => {
                 // An error from `apply` leaves its event unsettled; one from the checkpoint read or save leaves
                 // none (the batch either did not start or settled completely).
-                let consistent = match unsettled {
-                    1 => received <= batch,
-                    0 => received == 0 || received == batch,
-                    _ => false,
-                };
+                let consistent = self.interruption_is_consistent(received, unsettled, batch);
                 if !consistent {
                     return Err(format!("a poll failed ({error}) with {counts}"));
                 }
@@ -1340,11 +1355,7 @@ impl Sim {
             }
             PollEnd::Killed => {
                 // Killed inside `apply`: one event in flight; killed reading or saving the checkpoint: none.
-                let consistent = match unsettled {
-                    1 => received <= batch,
-                    0 => received == 0 || received == batch,
-                    _ => false,
-                };
+                let consistent = self.interruption_is_consistent(received, unsettled, batch);
                 if !consistent {
                     return Err(format!(
                         "a worker killed mid-poll left {unsettled} events unsettled ({counts})"

@@ -294,8 +294,9 @@ impl Applier {
         self.counters.add(Counter::Received, events.len() as u64);
         let mut out: Vec<Option<Disposition>> = vec![None; events.len()];
         let sources: Vec<SourceRecord> = events.iter().map(ChangeEvent::source_record).collect();
-        // The newest event per record in this batch; older ones settle here.
+        // The newest event per record in this batch; older ones are superseded.
         let mut newest: HashMap<&SourceRecord, usize> = HashMap::new();
+        let mut superseded = Vec::new();
         for (i, event) in events.iter().enumerate() {
             if let Some(skipped) = self.precheck(event, &sources[i], false).await? {
                 out[i] = Some(skipped);
@@ -321,10 +322,10 @@ impl Applier {
                 true => (Counter::Duplicate, Disposition::Duplicate),
                 false => (Counter::Stale, Disposition::Stale { applied }),
             };
-            out[k] = Some(
-                self.skip(&events[k], &sources[k], counter, disposition)
-                    .await?,
-            );
+            // Recorded only after the batch's writes: a redelivered event shares its id, and marking that id
+            // processed before the newest event is written would make the newest one a "duplicate" if the worker
+            // stopped in between.
+            superseded.push((k, counter, disposition));
         }
         let mut pending = Vec::new();
         let mut chosen: Vec<usize> = newest.into_values().collect();
@@ -347,6 +348,13 @@ impl Applier {
                     .await?,
             );
         }
+        for (k, counter, disposition) in superseded {
+            out[k] = Some(
+                self.skip(&events[k], &sources[k], counter, disposition)
+                    .await?,
+            );
+        }
+
         out.into_iter()
             .map(|d| {
                 d.ok_or_else(|| Error::Backend {
@@ -439,7 +447,10 @@ impl Applier {
                     self.counters.add(Counter::PlaceholdersCreated, created);
                     for ((i, record), result) in ready.into_iter().zip(report.results) {
                         match result {
-                            Ok(outcome) => done.push((i, Ok(Written::Applied(outcome)), attempt)),
+                            Ok(outcome) => {
+                                self.count_hydration(&outcome);
+                                done.push((i, Ok(Written::Applied(outcome)), attempt));
+                            }
                             // Changed between the check and the write: check again.
                             Err(Error::VersionMismatch { .. } | Error::NotFound { .. })
                                 if self.check_target && attempt < max_attempts =>
@@ -460,6 +471,13 @@ impl Applier {
             }
         }
         done
+    }
+
+    fn count_hydration(&self, outcome: &WriteOutcome) {
+        if outcome.became_hydrated() && outcome.previous_state == Some(HydrationState::Placeholder)
+        {
+            self.counters.incr(Counter::Hydrated);
+        }
     }
 
     /// The write for a record, conditional on the target's version when the target is checked; `Err` with the
@@ -578,13 +596,8 @@ impl Applier {
     ) -> Result<Disposition> {
         match write {
             Ok(Written::Applied(outcome)) => {
-                // Work done is counted as it happens; the event itself settles (Applied) only once the ledger has
-                // recorded it: a ledger failure below leaves it unsettled, to be redelivered.
-                if outcome.became_hydrated()
-                    && outcome.previous_state == Some(HydrationState::Placeholder)
-                {
-                    self.counters.incr(Counter::Hydrated);
-                }
+                // The event settles (Applied) only once the ledger has recorded it: a ledger failure below leaves
+                // it unsettled, to be redelivered. (Hydrations are work done, counted where the write happens.)
                 if let Some(instance) = &self.target_instance
                     && outcome.change != crate::store::Change::Unchanged
                 {
@@ -768,7 +781,10 @@ impl Applier {
             let created = report.ensured.created().count() as u64;
             self.counters.add(Counter::PlaceholdersCreated, created);
             match report.results.into_iter().next() {
-                Some(Ok(outcome)) => return Ok(Written::Applied(outcome)),
+                Some(Ok(outcome)) => {
+                    self.count_hydration(&outcome);
+                    return Ok(Written::Applied(outcome));
+                }
                 // Someone wrote the record between the read and the write: read again.
                 Some(Err(Error::VersionMismatch { .. } | Error::NotFound { .. }))
                     if self.check_target => {}
