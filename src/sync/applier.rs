@@ -402,6 +402,9 @@ impl Applier {
                 .breaker
                 .call(|| async {
                     let report = self.writer.write_batch(writes).await;
+                    // Placeholders exist once created, whatever became of the writes that needed them.
+                    let created = report.ensured.created().count() as u64;
+                    self.counters.add(Counter::PlaceholdersCreated, created);
                     // A batch whose every write failed transiently is one failure of the target.
                     match report
                         .results
@@ -443,8 +446,6 @@ impl Applier {
                     }
                 }
                 Ok(report) => {
-                    let created = report.ensured.created().count() as u64;
-                    self.counters.add(Counter::PlaceholdersCreated, created);
                     for ((i, record), result) in ready.into_iter().zip(report.results) {
                         match result {
                             Ok(outcome) => {
