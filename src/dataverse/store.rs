@@ -260,6 +260,10 @@ fn host_of(url: &str) -> &str {
 }
 
 impl DataverseStore {
+    fn backend_error(&self, message: impl Into<String>) -> Error {
+        self.inner.backend_error(message)
+    }
+
     /// Runs one logical operation in a span, with one correlation id for all of its requests: the caller's
     /// ([`correlation::scope`](crate::correlation::scope)) or a new one.
     async fn operation<T>(
@@ -324,14 +328,9 @@ impl DataverseStore {
             let rows = match page.get_mut("value").map(Value::take) {
                 Some(Value::Array(rows)) => rows,
                 _ => {
-                    return Err(Error::Backend {
-                        backend: self.backend().to_owned(),
-                        message: format!(
-                            "table '{table}': a collection response without a value array"
-                        ),
-                        retryable: false,
-                        source: None,
-                    });
+                    return Err(self.backend_error(format!(
+                        "table '{table}': a collection response without a value array"
+                    )));
                 }
             };
             for row in rows {
@@ -342,12 +341,9 @@ impl DataverseStore {
                 Some(next) => match next.strip_prefix(inner.transport.root.as_str()) {
                     Some(relative) => path = relative.to_owned(),
                     None => {
-                        return Err(Error::Backend {
-                            backend: self.backend().to_owned(),
-                            message: format!("a next-page link outside the service root: {next}"),
-                            retryable: false,
-                            source: None,
-                        });
+                        return Err(self.backend_error(format!(
+                            "a next-page link outside the service root: {next}"
+                        )));
                     }
                 },
                 None => return Ok(records),
@@ -394,11 +390,10 @@ impl DataverseStore {
             return Err(inner.error(&response, &context));
         }
         let mut body = response.json(self.backend())?;
-        let malformed = |what: &str| Error::Backend {
-            backend: self.backend().to_owned(),
-            message: format!("table '{table}': a change-tracking response {what}"),
-            retryable: false,
-            source: None,
+        let malformed = |what: &str| {
+            self.backend_error(format!(
+                "table '{table}': a change-tracking response {what}"
+            ))
         };
         let Some(Value::Array(rows)) = body.get_mut("value").map(Value::take) else {
             return Err(malformed("without a value array"));
@@ -528,6 +523,16 @@ impl Inner {
         &self.transport.name
     }
 
+    /// A permanent error of this store: a response it cannot use.
+    fn backend_error(&self, message: impl Into<String>) -> Error {
+        Error::Backend {
+            backend: self.backend().to_owned(),
+            message: message.into(),
+            retryable: false,
+            source: None,
+        }
+    }
+
     /// The table of a record address, after checking that its key is one the table declares.
     fn addressed(&self, reference: &EntityRef) -> Result<&TableInfo> {
         let table = self.table(&reference.table)?;
@@ -629,20 +634,12 @@ impl Inner {
 
     fn applied(&self, table: &TableInfo, status: u16, body: &[u8]) -> Result<Applied> {
         if !matches!(status, 200 | 201) {
-            return Err(Error::Backend {
-                backend: self.backend().to_owned(),
-                message: format!(
+            return Err(self.backend_error(format!(
                     "HTTP {status} without the record: the service ignored Prefer: return=representation"
-                ),
-                retryable: false,
-                source: None,
-            });
+                )));
         }
-        let json: Value = serde_json::from_slice(body).map_err(|e| Error::Backend {
-            backend: self.backend().to_owned(),
-            message: format!("HTTP {status}: the body is not JSON ({e})"),
-            retryable: false,
-            source: None,
+        let json: Value = serde_json::from_slice(body).map_err(|e| {
+            self.backend_error(format!("HTTP {status}: the body is not JSON ({e})"))
         })?;
         let row = table.row(self.backend(), json)?;
         Ok(Applied {
@@ -1190,12 +1187,7 @@ impl Inner {
         let parts = match batch::parse_response(&content_type, &response.body) {
             Ok(parts) => parts,
             Err(e) => {
-                return failed(Error::Backend {
-                    backend: self.backend().to_owned(),
-                    message: e.to_string(),
-                    retryable: false,
-                    source: None,
-                });
+                return failed(self.backend_error(e.to_string()));
             }
         };
         let mut responses: Vec<Result<OperationResponse>> = parts
@@ -1275,13 +1267,8 @@ impl Inner {
         if !content_type.starts_with("multipart/") {
             return Err(self.error(&response, &context));
         }
-        let parts =
-            batch::parse_response(&content_type, &response.body).map_err(|e| Error::Backend {
-                backend: self.backend().to_owned(),
-                message: e.to_string(),
-                retryable: false,
-                source: None,
-            })?;
+        let parts = batch::parse_response(&content_type, &response.body)
+            .map_err(|e| self.backend_error(e.to_string()))?;
         let responses: Vec<OperationResponse> = parts
             .into_iter()
             .flat_map(|part| match part {
@@ -1309,16 +1296,11 @@ impl Inner {
             });
         }
         if responses.len() != writes.len() {
-            return Err(Error::Backend {
-                backend: self.backend().to_owned(),
-                message: format!(
-                    "the change set answered {} parts for {} writes",
-                    responses.len(),
-                    writes.len()
-                ),
-                retryable: false,
-                source: None,
-            });
+            return Err(self.backend_error(format!(
+                "the change set answered {} parts for {} writes",
+                responses.len(),
+                writes.len()
+            )));
         }
         let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
         let mut clears = Vec::new();
@@ -1336,12 +1318,7 @@ impl Inner {
         outcomes
             .into_iter()
             .map(|o| {
-                o.ok_or_else(|| Error::Backend {
-                    backend: self.backend().to_owned(),
-                    message: "a write of the change set has no outcome".into(),
-                    retryable: false,
-                    source: None,
-                })
+                o.ok_or_else(|| self.backend_error("a write of the change set has no outcome"))
             })
             .collect()
     }
@@ -1523,11 +1500,8 @@ impl Inner {
         records: &[Record],
         chunk: &[usize],
     ) -> Result<Vec<u8>> {
-        let encode = |e: serde_json::Error| Error::Backend {
-            backend: self.backend().to_owned(),
-            message: format!("encoding an UpsertMultiple body: {e}"),
-            retryable: false,
-            source: None,
+        let encode = |e: serde_json::Error| {
+            self.backend_error(format!("encoding an UpsertMultiple body: {e}"))
         };
         let mut out = Vec::with_capacity(chunk.len() * 192);
         out.extend_from_slice(b"{\"Targets\":[");
