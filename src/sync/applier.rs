@@ -406,21 +406,12 @@ impl Applier {
                     let created = report.ensured.created().count() as u64;
                     self.counters.add(Counter::PlaceholdersCreated, created);
                     // A batch whose every write failed transiently is one failure of the target.
-                    match report
+                    let all_transient = report
                         .results
                         .iter()
-                        .all(|r| matches!(r, Err(e) if e.is_retryable()))
-                    {
-                        true if !report.results.is_empty() => Err(report
-                            .results
-                            .into_iter()
-                            .find_map(Result::err)
-                            .unwrap_or_else(|| Error::Backend {
-                                backend: String::new(),
-                                message: "empty batch".into(),
-                                retryable: true,
-                                source: None,
-                            })),
+                        .all(|r| matches!(r, Err(e) if e.is_retryable()));
+                    match report.results.first() {
+                        Some(Err(first)) if all_transient => Err(first.clone()),
                         _ => Ok(report),
                     }
                 })
@@ -685,22 +676,20 @@ impl Applier {
             let source = event.source_record();
             record.reference = self.target_of(&source, record.table()).await?;
         }
-        let lookups: Vec<(ColumnName, EntityRef)> = record
-            .lookups
-            .iter()
-            .map(|(c, t)| (c.clone(), t.clone()))
-            .collect();
-        for (column, target) in lookups {
-            let Some(source_target) = event.lookups.iter().find_map(|(_, t)| {
-                // The event addresses lookup targets with source keys; find the one this lookup came from.
-                (self.mapping.map_reference(t).ok().as_ref() == Some(&target)).then(|| t.clone())
-            }) else {
-                continue;
-            };
-            if self.mapped_tables.contains(&source_target.table) {
-                let source = SourceRecord::new(event.source.clone(), source_target);
-                let translated = self.target_of(&source, &target.table).await?;
-                record.lookups.insert(column, translated);
+        if !self.mapped_tables.is_empty() {
+            for target in record.lookups.values_mut() {
+                // The event addresses lookup targets with source keys: find the one this lookup came from.
+                let Some(source_target) = event
+                    .lookups
+                    .values()
+                    .find(|t| self.mapping.map_reference(t).ok().as_ref() == Some(&*target))
+                else {
+                    continue;
+                };
+                if self.mapped_tables.contains(&source_target.table) {
+                    let source = SourceRecord::new(event.source.clone(), source_target.clone());
+                    *target = self.target_of(&source, &target.table).await?;
+                }
             }
         }
         if let Some(column) = &self.origin_column {
