@@ -19,13 +19,19 @@
 //! * [`SyncCounters`] count every outcome, and the [`SyncStats`] they produce add up: every event received
 //!   settles exactly once (see [Accounting](#accounting) below).
 //!
-//! # What exists now
+//! # The pieces
 //!
-//! The data and state the pipeline is built on: the event model ([`ChangeEvent`], versioned JSON), the
-//! [`Ledger`] trait with [`MemoryLedger`] and its conformance scenarios (feature `conformance`:
-//! [`ledger_conformance`]), the declarative [`Mapping`], and the counters. The applier, change sources (an
-//! in-memory queue, Dataverse change tracking), the fault-injection simulation and the examples come next and
-//! build on these APIs.
+//! * [`ChangeEvent`]: versioned JSON; [`ChangeSource`] with [`QueueSource`] (in memory) and, with the `dataverse`
+//!   feature, `DataverseChangeSource` (change tracking with delta links).
+//! * [`Applier`]: [`apply`](Applier::apply) one event, [`apply_batch`](Applier::apply_batch) many,
+//!   [`replay_dead_letters`](Applier::replay_dead_letters) after a fix; [`Pipeline`] polls a source into an
+//!   applier and checkpoints in the ledger.
+//! * [`Ledger`] with [`MemoryLedger`] and its conformance scenarios (feature `conformance`: `ledger_conformance`).
+//! * [`Mapping`]: per-consumer renames, value maps, defaults and field ownership.
+//! * [`SyncCounters`] / [`SyncStats`].
+//!
+//! The crate's `tests/simulation.rs` plays seeded fault schedules against all of it; `examples/bidirectional.rs`
+//! shows a two-way sync without loops.
 //!
 //! # Accounting
 //!
