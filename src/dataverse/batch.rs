@@ -269,42 +269,15 @@ pub fn boundary_of(content_type: &str) -> Result<String, BatchError> {
 
 /// Parses a batch request body (server side). Accepts CRLF or LF, quoted or unquoted boundaries.
 pub fn parse_request(content_type: &str, body: &[u8]) -> Result<Vec<Part>, BatchError> {
-    let boundary = boundary_of(content_type)?;
-    let raw_parts = split_parts(body, &boundary, "the batch")?;
-    let mut parts = Vec::with_capacity(raw_parts.len());
-    for (index, raw) in raw_parts.into_iter().enumerate() {
-        let location = format!("part {}", index + 1);
-        let (headers, content) = split_head(raw, &location)?;
-        let part_type = content_type_of(&headers, &location)?;
-        if is_multipart(part_type) {
-            let inner_boundary = boundary_of(part_type)
-                .map_err(|e| BatchError::new(format!("{location}: {}", e.message)))?;
-            let inner = split_parts(
-                content,
-                &inner_boundary,
-                &format!("the change set in {location}"),
-            )?;
-            let mut ops = Vec::with_capacity(inner.len());
-            for (op_index, raw_op) in inner.into_iter().enumerate() {
-                let op_location =
-                    format!("{location}, operation {} of its change set", op_index + 1);
-                let (op_headers, op_content) = split_head(raw_op, &op_location)?;
-                let op_type = content_type_of(&op_headers, &op_location)?;
-                if is_multipart(op_type) {
-                    return Err(BatchError::new(format!(
-                        "{op_location}: a change set cannot contain another change set"
-                    )));
-                }
-                expect_http(op_type, &op_location)?;
-                ops.push(parse_operation(&op_headers, op_content, &op_location)?);
-            }
-            parts.push(Part::ChangeSet(ops));
-        } else {
-            expect_http(part_type, &location)?;
-            parts.push(Part::Single(parse_operation(&headers, content, &location)?));
-        }
-    }
-    Ok(parts)
+    let names = ("the batch", "part", "operation");
+    let parts = walk_parts(content_type, body, names, parse_operation)?;
+    Ok(parts
+        .into_iter()
+        .map(|part| match part {
+            Walked::Single(op) => Part::Single(op),
+            Walked::ChangeSet(ops) => Part::ChangeSet(ops),
+        })
+        .collect())
 }
 
 /// Encodes a batch response (server side): returns the `Content-Type` header value and the CRLF body.
@@ -336,41 +309,65 @@ pub fn encode_response(parts: &[ResponsePart]) -> (String, Vec<u8>) {
 
 /// Parses a batch response body (client side), taking the boundary from `content_type`.
 pub fn parse_response(content_type: &str, body: &[u8]) -> Result<Vec<ResponsePart>, BatchError> {
+    let names = ("the batch response", "response part", "response");
+    let parts = walk_parts(content_type, body, names, parse_operation_response)?;
+    Ok(parts
+        .into_iter()
+        .map(|part| match part {
+            Walked::Single(response) => ResponsePart::Single(response),
+            Walked::ChangeSet(responses) => ResponsePart::ChangeSet(responses),
+        })
+        .collect())
+}
+
+/// A top-level part as read: one item, or the items of a change set.
+enum Walked<T> {
+    Single(T),
+    ChangeSet(Vec<T>),
+}
+
+/// The multipart structure shared by requests and responses: top-level parts, each an `application/http` item or
+/// a change set of them (never nested). `parse_one` reads one item; `names` say what the body, a part and an
+/// item are called in error messages.
+fn walk_parts<T>(
+    content_type: &str,
+    body: &[u8],
+    (whole, part, item): (&str, &str, &str),
+    parse_one: fn(&Headers, &[u8], &str) -> Result<T, BatchError>,
+) -> Result<Vec<Walked<T>>, BatchError> {
     let boundary = boundary_of(content_type)?;
-    let raw_parts = split_parts(body, &boundary, "the batch response")?;
+    let raw_parts = split_parts(body, &boundary, whole)?;
     let mut parts = Vec::with_capacity(raw_parts.len());
     for (index, raw) in raw_parts.into_iter().enumerate() {
-        let location = format!("response part {}", index + 1);
+        let location = format!("{part} {}", index + 1);
         let (headers, content) = split_head(raw, &location)?;
         let part_type = content_type_of(&headers, &location)?;
-        if is_multipart(part_type) {
-            let inner_boundary = boundary_of(part_type)
-                .map_err(|e| BatchError::new(format!("{location}: {}", e.message)))?;
-            let inner = split_parts(
-                content,
-                &inner_boundary,
-                &format!("the change set in {location}"),
-            )?;
-            let mut responses = Vec::with_capacity(inner.len());
-            for (op_index, raw_op) in inner.into_iter().enumerate() {
-                let op_location =
-                    format!("{location}, response {} of its change set", op_index + 1);
-                let (op_headers, op_content) = split_head(raw_op, &op_location)?;
-                let op_type = content_type_of(&op_headers, &op_location)?;
-                expect_http(op_type, &op_location)?;
-                responses.push(parse_operation_response(
-                    &op_headers,
-                    op_content,
-                    &op_location,
-                )?);
-            }
-            parts.push(ResponsePart::ChangeSet(responses));
-        } else {
+        if !is_multipart(part_type) {
             expect_http(part_type, &location)?;
-            parts.push(ResponsePart::Single(parse_operation_response(
-                &headers, content, &location,
-            )?));
+            parts.push(Walked::Single(parse_one(&headers, content, &location)?));
+            continue;
         }
+        let inner_boundary = boundary_of(part_type)
+            .map_err(|e| BatchError::new(format!("{location}: {}", e.message)))?;
+        let inner = split_parts(
+            content,
+            &inner_boundary,
+            &format!("the change set in {location}"),
+        )?;
+        let mut items = Vec::with_capacity(inner.len());
+        for (item_index, raw_item) in inner.into_iter().enumerate() {
+            let item_location = format!("{location}, {item} {} of its change set", item_index + 1);
+            let (item_headers, item_content) = split_head(raw_item, &item_location)?;
+            let item_type = content_type_of(&item_headers, &item_location)?;
+            if is_multipart(item_type) {
+                return Err(BatchError::new(format!(
+                    "{item_location}: a change set cannot contain another change set"
+                )));
+            }
+            expect_http(item_type, &item_location)?;
+            items.push(parse_one(&item_headers, item_content, &item_location)?);
+        }
+        parts.push(Walked::ChangeSet(items));
     }
     Ok(parts)
 }
