@@ -79,8 +79,8 @@ struct Recording {
 }
 
 impl Recording {
-    fn remember(&self, table: &Record, id: uuid::Uuid) {
-        if let Ok(reference) = EntityRef::by_id(table.table().clone(), id) {
+    fn remember(&self, record: &Record, id: uuid::Uuid) {
+        if let Ok(reference) = EntityRef::by_id(record.table().clone(), id) {
             self.created
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -447,7 +447,7 @@ impl DataverseStore {
         let response = inner.execute(request, &context).await?;
         match response.status {
             200 | 204 => Ok(true),
-            404 if is_missing_row(&response) => Ok(false),
+            404 if is_missing_row(&response.body) => Ok(false),
             _ => Err(inner.error(&response, &context)),
         }
     }
@@ -552,7 +552,7 @@ impl Inner {
                 let row = table.row(self.backend(), response.json(self.backend())?)?;
                 Ok(Some(table.stored(row)?))
             }
-            404 if is_missing_row(&response) => Ok(None),
+            404 if is_missing_row(&response.body) => Ok(None),
             _ => Err(self.error(&response, &context)),
         }
     }
@@ -727,7 +727,7 @@ impl Inner {
             200 => Ok(Some(
                 table.row(self.backend(), response.json(self.backend())?)?,
             )),
-            404 if is_missing_row(&response) => Ok(None),
+            404 if is_missing_row(&response.body) => Ok(None),
             _ => Err(self.error(&response, context)),
         }
     }
@@ -842,7 +842,7 @@ impl Inner {
                 }),
                 _ => Ok(None),
             },
-            404 if is_missing_row(&response) => Ok(None),
+            404 if is_missing_row(&response.body) => Ok(None),
             _ => Err(self.operation_error(table, write, &response).await),
         }
     }
@@ -1593,28 +1593,12 @@ enum Outcome {
 }
 
 /// Whether a 404 says the addressed row is missing (rather than, say, an unknown entity set).
-fn is_missing_row(response: &impl HasBody) -> bool {
-    let code = parse_error_body(response.body()).code;
+fn is_missing_row(body: &[u8]) -> bool {
+    let code = parse_error_body(body).code;
     matches!(
         code.as_str(),
         codes::OBJECT_DOES_NOT_EXIST | codes::RECORD_NOT_FOUND_BY_ENTITY_KEY | ""
     )
-}
-
-trait HasBody {
-    fn body(&self) -> &[u8];
-}
-
-impl HasBody for Response {
-    fn body(&self) -> &[u8] {
-        &self.body
-    }
-}
-
-impl HasBody for OperationResponse {
-    fn body(&self) -> &[u8] {
-        &self.body
-    }
 }
 
 /// Batches may run in parallel only when no record is written twice (the order of its writes would be lost).
