@@ -17,9 +17,11 @@ use crate::name::{ColumnName, IntoName, TableName};
 use crate::record::{HydrationState, Record};
 use crate::retry::RetryPolicy;
 use crate::schema::Schema;
-use crate::store::{Precondition, RecordStore, Write, WriteOutcome};
+use crate::store::{Change, Precondition, RecordStore, Write, WriteOutcome};
 use crate::sync::{
-    ChangeEvent, Counter, DeadLetter, Ledger, Mapping, SourceRecord, SyncCounters, SyncStats,
+    AppliedVersion, ChangeEvent, Checkpoint, Counter, DeadLetter, IdMapping, Ledger, LedgerQuery,
+    LedgerView, Mapping, OwnWrite, SettledEvent, Settlement, SourceRecord, SyncCounters, SyncStats,
+    TaskChange,
 };
 use crate::writer::EnsuringWriter;
 
@@ -216,6 +218,16 @@ enum Written {
     TargetAhead(u64),
 }
 
+/// One event on its way through a batch: its decision so far.
+enum Step {
+    /// Settled without a write.
+    Skip(Counter, Disposition),
+    /// To be written.
+    Write,
+    /// Settled by the write step's result.
+    Done(Result<Written>, u32),
+}
+
 impl Applier {
     /// Starts configuring an applier that writes through `writer` and keeps its state in `ledger`.
     pub fn builder(writer: EnsuringWriter, ledger: Arc<dyn Ledger>) -> ApplierBuilder {
@@ -235,7 +247,8 @@ impl Applier {
         }
     }
 
-    /// The counters so far.
+    /// What this applier settled so far (the ledger's [`totals`](Ledger::totals) add up every applier and every
+    /// run that shared it).
     pub fn stats(&self) -> SyncStats {
         self.counters.snapshot()
     }
@@ -250,24 +263,23 @@ impl Applier {
         &self.writer
     }
 
-    /// Applies one event and says what became of it. `Err` only when the ledger itself failed (after retries):
-    /// the event is then not settled, and the caller should stop and let it be redelivered.
-    pub async fn apply(&self, event: ChangeEvent) -> Result<Disposition> {
-        self.counters.incr(Counter::Received);
-        let span = tracing::info_span!(
-            "sync_event",
-            event = %event.event_id,
-            table = %event.table,
-            version = event.source_version,
-            correlation = %event.correlation_id,
-        );
-        let correlation_id = event.correlation_id;
-        let disposition =
-            correlation::scope(correlation_id, self.settle(event, false).instrument(span)).await?;
-        Ok(disposition)
+    /// The circuit breaker in front of the target.
+    pub fn breaker(&self) -> &Arc<CircuitBreaker> {
+        &self.breaker
     }
 
-    /// Applies events one after the other; stops at the first ledger failure.
+    /// Applies one event and settles it (a batch of one). `Err` only when the ledger itself failed (after
+    /// retries): the event is then not settled, and the caller should stop and let it be redelivered.
+    pub async fn apply(&self, event: ChangeEvent) -> Result<Disposition> {
+        let correlation_id = event.correlation_id;
+        let mut dispositions =
+            correlation::scope(correlation_id, self.apply_batch_from(vec![event], None)).await?;
+        dispositions
+            .pop()
+            .ok_or_else(|| self.internal("an event was not settled"))
+    }
+
+    /// Applies events one after the other, each settled on its own; stops at the first ledger failure.
     pub async fn apply_all(
         &self,
         events: impl IntoIterator<Item = ChangeEvent>,
@@ -280,91 +292,345 @@ impl Applier {
     }
 
     /// Applies a batch of events with one store batch per round (for Dataverse: placeholders and writes in
-    /// `$batch` requests), the throughput path of a sync. The same rules as [`apply`](Self::apply), with these
-    /// differences: of several events for one record in the batch only the newest is written (the others settle
-    /// as stale or duplicate), retries resend only the writes that failed transiently, and a batch whose every
-    /// write fails transiently counts as one failure for the circuit breaker. `Err` only when the ledger failed;
-    /// events settled before that stay settled.
+    /// `$batch` requests) and settles all of them in one ledger transaction: the throughput path of a sync.
+    /// Of several events for one record in the batch only the newest is written (the others settle as stale or
+    /// duplicate); retries resend only the writes that failed transiently; a batch whose every write fails
+    /// transiently counts as one failure for the circuit breaker. `Err` only when the ledger failed: then nothing
+    /// of the batch is settled (writes already made are harmless to repeat: the target's version check or the
+    /// write's idempotency catches them when the batch is redelivered).
     pub async fn apply_batch(&self, events: Vec<ChangeEvent>) -> Result<Vec<Disposition>> {
-        let span = tracing::info_span!("sync_batch", events = events.len());
-        self.apply_batch_inner(events).instrument(span).await
+        self.apply_batch_from(events, None).await
     }
 
-    async fn apply_batch_inner(&self, events: Vec<ChangeEvent>) -> Result<Vec<Disposition>> {
-        self.counters.add(Counter::Received, events.len() as u64);
-        let mut out: Vec<Option<Disposition>> = vec![None; events.len()];
-        let sources: Vec<SourceRecord> = events.iter().map(ChangeEvent::source_record).collect();
-        // The newest event per record in this batch; older ones are superseded.
-        let mut newest: HashMap<&SourceRecord, usize> = HashMap::new();
-        let mut superseded = Vec::new();
-        for (i, event) in events.iter().enumerate() {
-            if let Some(skipped) = self.precheck(event, &sources[i], false).await? {
-                out[i] = Some(skipped);
-                continue;
+    /// [`apply_batch`](Self::apply_batch), saving `checkpoint` (where the batch was read up to) in the same ledger
+    /// transaction, so the checkpoint never runs ahead of what was applied.
+    pub async fn apply_batch_from(
+        &self,
+        events: Vec<ChangeEvent>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Vec<Disposition>> {
+        let span = tracing::info_span!("sync_batch", events = events.len());
+        self.run_batch(events, false, checkpoint)
+            .instrument(span)
+            .await
+    }
+
+    /// Re-applies up to `limit` dead letters, oldest first (after a fix: a mapping corrected, a target back), as
+    /// one batch. A letter whose event now settles is removed; one that fails again stays, with its attempts
+    /// updated.
+    pub async fn replay_dead_letters(&self, limit: usize) -> Result<ReplayReport> {
+        let letters = self.ledger_call(|| self.ledger.dead_letters(limit)).await?;
+        let ids: Vec<String> = letters.iter().map(|l| l.event.event_id.clone()).collect();
+        let events = letters.into_iter().map(|l| l.event).collect();
+        let span = tracing::info_span!("replay", letters = ids.len());
+        let dispositions = self.run_batch(events, true, None).instrument(span).await?;
+        let mut report = ReplayReport::default();
+        for (event_id, disposition) in ids.into_iter().zip(dispositions) {
+            match disposition {
+                Disposition::DeadLettered(error) => report.failed.push((event_id, error)),
+                _ => report.replayed += 1,
             }
-            let older = match newest.entry(&sources[i]) {
-                Entry::Vacant(slot) => {
-                    slot.insert(i);
-                    continue;
+        }
+        Ok(report)
+    }
+
+    /// Decides, writes and settles a batch. `replay`: the events come from dead letters (their ids were settled
+    /// when they were dead-lettered, so the id check is skipped; success resolves the letter).
+    async fn run_batch(
+        &self,
+        events: Vec<ChangeEvent>,
+        replay: bool,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Vec<Disposition>> {
+        let sources: Vec<SourceRecord> = events.iter().map(ChangeEvent::source_record).collect();
+        let view = self.look_up(&events, &sources, replay).await?;
+        let mut settlement = Settlement::at(now_ms());
+        settlement.checkpoint = checkpoint;
+        let mut steps = self.decide(&events, &sources, &view, replay);
+        let mut prepared = Vec::new();
+        for (i, step) in steps.iter_mut().enumerate() {
+            if let Step::Write = step {
+                match self.prepare(&events[i], &view, &mut settlement) {
+                    Ok(record) => prepared.push((i, record)),
+                    Err(e) => *step = Step::Done(Err(e), 0),
                 }
-                Entry::Occupied(mut slot) => {
-                    let j = *slot.get();
-                    if event.source_version > events[j].source_version {
+            }
+        }
+        for (i, written, attempts) in self.write_rounds(prepared, &mut settlement.stats).await {
+            steps[i] = Step::Done(written, attempts);
+        }
+        let mut out = Vec::with_capacity(events.len());
+        for ((event, source), step) in events.iter().zip(&sources).zip(steps) {
+            out.push(self.settle_event(event, source, step, replay, &mut settlement)?);
+        }
+        if !replay {
+            settlement
+                .stats
+                .count(Counter::Received, events.len() as u64);
+        }
+        self.ledger_call(|| self.ledger.settle(&settlement)).await?;
+        self.counters.add_stats(&settlement.stats);
+        Ok(out)
+    }
+
+    /// Everything the batch needs from the ledger, in one call.
+    async fn look_up(
+        &self,
+        events: &[ChangeEvent],
+        sources: &[SourceRecord],
+        replay: bool,
+    ) -> Result<LedgerView> {
+        let mut query = LedgerQuery {
+            event_ids: match replay {
+                true => Vec::new(),
+                false => events.iter().map(|e| e.event_id.clone()).collect(),
+            },
+            records: sources.to_vec(),
+            targets: sources.to_vec(),
+            own_writes: Vec::new(),
+        };
+        for event in events {
+            if self.target_instance.is_some() || !self.ignored_origins.is_empty() {
+                query.own_writes.push(OwnWrite {
+                    instance: event.source.clone(),
+                    record: event.reference(),
+                    version: event.source_version,
+                });
+            }
+            for target in event.lookups.values() {
+                query
+                    .targets
+                    .push(SourceRecord::new(event.source.clone(), target.clone()));
+            }
+        }
+        self.ledger_call(|| self.ledger.lookup(&query)).await
+    }
+
+    /// Echo, duplicate and stale checks, and the newest event per record: what to skip and what to write.
+    fn decide(
+        &self,
+        events: &[ChangeEvent],
+        sources: &[SourceRecord],
+        view: &LedgerView,
+        replay: bool,
+    ) -> Vec<Step> {
+        let mut steps = Vec::with_capacity(events.len());
+        let mut newest: HashMap<&SourceRecord, usize> = HashMap::new();
+        for (i, event) in events.iter().enumerate() {
+            let own = OwnWrite {
+                instance: event.source.clone(),
+                record: event.reference(),
+                version: event.source_version,
+            };
+            let step = if event
+                .origin
+                .as_ref()
+                .is_some_and(|o| self.ignored_origins.contains(o))
+                || view.own_writes.contains(&own)
+            {
+                Step::Skip(Counter::Echo, Disposition::Echo)
+            } else if !replay && view.processed.contains(&event.event_id) {
+                Step::Skip(Counter::Duplicate, Disposition::Duplicate)
+            } else if let Some(applied) = view.applied.get(&sources[i])
+                && applied.version >= event.source_version
+            {
+                behind(applied.version, event.source_version)
+            } else {
+                match newest.entry(&sources[i]) {
+                    Entry::Vacant(slot) => {
                         slot.insert(i);
-                        (j, event.source_version)
-                    } else {
-                        (i, events[j].source_version)
+                    }
+                    Entry::Occupied(mut slot) => {
+                        let j = *slot.get();
+                        if event.source_version > events[j].source_version {
+                            // The earlier one is superseded by this one.
+                            steps[j] = behind(event.source_version, events[j].source_version);
+                            slot.insert(i);
+                        } else {
+                            steps.push(behind(events[j].source_version, event.source_version));
+                            continue;
+                        }
                     }
                 }
+                Step::Write
             };
-            let (k, applied) = older;
-            let (counter, disposition) = match events[k].source_version == applied {
-                true => (Counter::Duplicate, Disposition::Duplicate),
-                false => (Counter::Stale, Disposition::Stale { applied }),
-            };
-            // Recorded only after the batch's writes: a redelivered event shares its id, and marking that id
-            // processed before the newest event is written would make the newest one a "duplicate" if the worker
-            // stopped in between.
-            superseded.push((k, counter, disposition));
+            steps.push(step);
         }
-        let mut pending = Vec::new();
-        let mut chosen: Vec<usize> = newest.into_values().collect();
-        chosen.sort_unstable();
-        for i in chosen {
-            match self.prepare(&events[i]).await {
-                Ok(record) => pending.push((i, record)),
-                Err(PrepareError::Ledger(e)) => return Err(e),
-                Err(PrepareError::Event(e)) => {
-                    out[i] = Some(
-                        self.finish(&events[i], &sources[i], Err(e), 0, false)
-                            .await?,
-                    )
-                }
+        steps
+    }
+
+    /// The target record for an event: mapped, addresses resolved through the id map, origin stamped. New id-map
+    /// entries go into the settlement.
+    fn prepare(
+        &self,
+        event: &ChangeEvent,
+        view: &LedgerView,
+        settlement: &mut Settlement,
+    ) -> Result<Record> {
+        if event.is_delete() {
+            return Err(Error::InvalidEvent {
+                event_id: Some(event.event_id.clone()),
+                reason: "delete events are not applied: RecordStore has no delete; handle them out of band".into(),
+            });
+        }
+        let mut record = self.mapping.apply(event)?;
+        let source = event.source_record();
+        if let Some(target) = self.resolve(&source, record.table(), view, settlement) {
+            record.reference = target;
+        }
+        for target in record.lookups.values_mut() {
+            // The event addresses lookup targets with source keys: find the one this lookup came from.
+            let Some(source_target) = event
+                .lookups
+                .values()
+                .find(|t| self.mapping.map_reference(t).ok().as_ref() == Some(&*target))
+            else {
+                continue;
+            };
+            let source = SourceRecord::new(event.source.clone(), source_target.clone());
+            let table = target.table.clone();
+            if let Some(resolved) = self.resolve(&source, &table, view, settlement) {
+                *target = resolved;
             }
         }
-        for (i, written, attempts) in self.write_rounds(pending).await {
-            out[i] = Some(
-                self.finish(&events[i], &sources[i], written, attempts, false)
-                    .await?,
-            );
+        if let Some(column) = &self.origin_column {
+            record
+                .fields
+                .insert(column.clone(), self.identity.clone().into());
         }
-        for (k, counter, disposition) in superseded {
-            out[k] = Some(
-                self.skip(&events[k], &sources[k], counter, disposition)
-                    .await?,
-            );
-        }
+        record.source_version = Some(event.source_version);
+        record.state = HydrationState::Hydrated;
+        Ok(record)
+    }
 
-        out.into_iter()
-            .map(|d| {
-                d.ok_or_else(|| Error::Backend {
-                    backend: self.writer.store().backend().to_owned(),
-                    message: "an event of the batch was not settled".into(),
-                    retryable: false,
-                    source: None,
-                })
-            })
-            .collect()
+    /// Where a source record lives at the target, when the id map says (an alias recorded when the record was
+    /// first written, or a placeholder it hydrated) or when its table is mapped. A mapped table's record gets a
+    /// GUID derived from its source identity, so a crash before the settlement cannot give one source record two
+    /// target records: the retry derives the same GUID.
+    fn resolve(
+        &self,
+        source: &SourceRecord,
+        target_table: &TableName,
+        view: &LedgerView,
+        settlement: &mut Settlement,
+    ) -> Option<EntityRef> {
+        if let Some(target) = view.targets.get(source) {
+            return Some(target.clone());
+        }
+        if let Some(mapped) = settlement.id_map.iter().find(|m| m.source == *source) {
+            return Some(mapped.target.clone());
+        }
+        if !self.mapped_tables.contains(&source.reference.table) {
+            return None;
+        }
+        let name = format!(
+            "{}\n{}\n{}\n{}",
+            self.identity, source.source, source.reference, target_table
+        );
+        let target = EntityRef {
+            table: target_table.clone(),
+            key: Key::Id(Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())),
+        };
+        settlement.id_map.push(IdMapping {
+            source: source.clone(),
+            target: target.clone(),
+        });
+        Some(target)
+    }
+
+    /// Records an event's outcome in the settlement and says what became of it.
+    fn settle_event(
+        &self,
+        event: &ChangeEvent,
+        source: &SourceRecord,
+        step: Step,
+        replay: bool,
+        settlement: &mut Settlement,
+    ) -> Result<Disposition> {
+        let span = tracing::debug_span!(
+            "sync_event",
+            event = %event.event_id,
+            table = %event.table,
+            version = event.source_version,
+            correlation = %event.correlation_id,
+        );
+        let _entered = span.enter();
+        let mark = |applied: Option<u64>| SettledEvent {
+            event_id: event.event_id.clone(),
+            record: source.clone(),
+            applied: applied.map(|version| AppliedVersion {
+                version,
+                deleted: false,
+            }),
+        };
+        let (counter, disposition) = match step {
+            Step::Write => return Err(self.internal("an event was never written")),
+            Step::Skip(counter, disposition) => {
+                settlement.events.push(mark(None));
+                (counter, disposition)
+            }
+            Step::Done(Ok(Written::Applied(outcome)), _) => {
+                let table = self.mapping.target_table(&event.table)?;
+                let written = EntityRef {
+                    table,
+                    key: Key::Id(outcome.id),
+                };
+                if let Some(instance) = &self.target_instance
+                    && outcome.change != Change::Unchanged
+                {
+                    settlement.own_writes.push(OwnWrite {
+                        instance: instance.clone(),
+                        record: written.clone(),
+                        version: outcome.version.0,
+                    });
+                }
+                // The record now lives at `written`: remember it under the address the event used (a GUID the
+                // writer redirected onto a placeholder, or an alternate key), so later events find it directly.
+                if source.reference.id() != Some(outcome.id)
+                    && !settlement.id_map.iter().any(|m| m.source == *source)
+                {
+                    settlement.id_map.push(IdMapping {
+                        source: source.clone(),
+                        target: written.clone(),
+                    });
+                }
+                if outcome.became_hydrated() {
+                    settlement.tasks.push(TaskChange::Release(written));
+                    if outcome.previous_state == Some(HydrationState::Placeholder) {
+                        settlement.stats.count(Counter::Hydrated, 1);
+                    }
+                }
+                settlement.events.push(mark(Some(event.source_version)));
+                tracing::debug!(event = %event.event_id, change = ?outcome.change, "applied");
+                (Counter::Applied, Disposition::Applied(outcome))
+            }
+            Step::Done(Ok(Written::TargetAhead(applied)), _) => {
+                // The target is ahead of the ledger (a write whose settlement was lost): catch the ledger up.
+                settlement.events.push(mark(Some(applied)));
+                behind_pair(applied, event.source_version)
+            }
+            Step::Done(Err(error), attempts) => {
+                tracing::warn!(event = %event.event_id, error = %error, attempts, "dead-lettering the event");
+                settlement.dead_letters.push(DeadLetter::new(
+                    event.clone(),
+                    &error,
+                    attempts,
+                    settlement.at_ms,
+                ));
+                if replay {
+                    // A replay that fails again settles nothing: its letter stays, merged (see SyncStats).
+                    return Ok(Disposition::DeadLettered(error));
+                }
+                settlement.events.push(mark(None));
+                (Counter::DeadLettered, Disposition::DeadLettered(error))
+            }
+        };
+        if replay {
+            settlement.resolved.push(event.event_id.clone());
+            settlement.stats.count(Counter::Replayed, 1);
+        }
+        settlement.stats.count(counter, 1);
+        Ok(disposition)
     }
 
     /// Writes records in batches until each is written, found behind the target, or failed for good. Transient
@@ -373,38 +639,60 @@ impl Applier {
     async fn write_rounds(
         &self,
         mut pending: Vec<(usize, Record)>,
+        stats: &mut SyncStats,
     ) -> Vec<(usize, Result<Written>, u32)> {
         let waits = self.retry.backoff_waits();
         let max_attempts = self.retry.max_attempts.max(1);
         let mut done = Vec::with_capacity(pending.len());
         let mut attempt = 0u32;
+        let started = tokio::time::Instant::now();
+        // A transient failure that outlived the policy says so: a replay may succeed without any fix.
+        let give_up = |e: Error, attempt: u32| match e.is_retryable() {
+            true => Error::RetriesExhausted {
+                attempts: attempt,
+                elapsed: started.elapsed(),
+                source: Box::new(e),
+            },
+            false => e,
+        };
         while !pending.is_empty() {
             attempt += 1;
             if attempt > 1 {
-                self.counters.add(Counter::Retried, pending.len() as u64);
+                stats.count(Counter::Retried, pending.len() as u64);
             }
             let mut writes = Vec::with_capacity(pending.len());
             let mut ready = Vec::with_capacity(pending.len());
+            let mut paused = None;
+            let mut wait = waits
+                .get(attempt.saturating_sub(1) as usize)
+                .copied()
+                .unwrap_or(self.retry.max_backoff);
             for (i, record) in std::mem::take(&mut pending) {
-                match self.target_check(&record).await {
+                // Reads go through the breaker too: a target that is down fails them first.
+                match self.breaker.call(|| self.target_check(&record)).await {
                     Ok(Err(ahead)) => done.push((i, Ok(ahead), attempt)),
                     Ok(Ok(write)) => {
                         writes.push(write);
                         ready.push((i, record));
                     }
+                    Err(Error::CircuitOpen { retry_after, .. }) => {
+                        paused = Some(retry_after);
+                        pending.push((i, record));
+                    }
                     Err(e) if e.is_retryable() && attempt < max_attempts => {
+                        wait = wait.max(e.retry_after().unwrap_or_default());
                         pending.push((i, record))
                     }
-                    Err(e) => done.push((i, Err(e), attempt)),
+                    Err(e) => done.push((i, Err(give_up(e, attempt)), attempt)),
                 }
             }
+            let mut created = 0;
             let called = self
                 .breaker
                 .call(|| async {
                     let report = self.writer.write_batch(writes).await;
                     // Placeholders exist once created, whatever became of the writes that needed them.
-                    let created = report.ensured.created().count() as u64;
-                    self.counters.add(Counter::PlaceholdersCreated, created);
+                    created = report.ensured.created().count() as u64;
                     // A batch whose every write failed transiently is one failure of the target.
                     let all_transient = report
                         .results
@@ -416,33 +704,25 @@ impl Applier {
                     }
                 })
                 .await;
-            let mut wait = waits
-                .get(attempt.saturating_sub(1) as usize)
-                .copied()
-                .unwrap_or(self.retry.max_backoff);
+            stats.count(Counter::PlaceholdersCreated, created);
             match called {
                 Err(Error::CircuitOpen { retry_after, .. }) => {
-                    // Paused, not failed: the attempt does not count.
-                    attempt -= 1;
+                    paused = Some(retry_after);
                     pending.extend(ready);
-                    wait = retry_after.max(Duration::from_millis(1));
                 }
                 Err(e) => {
                     wait = wait.max(e.retry_after().unwrap_or_default());
                     for (i, record) in ready {
                         match e.is_retryable() && attempt < max_attempts {
                             true => pending.push((i, record)),
-                            false => done.push((i, Err(e.clone()), attempt)),
+                            false => done.push((i, Err(give_up(e.clone(), attempt)), attempt)),
                         }
                     }
                 }
                 Ok(report) => {
                     for ((i, record), result) in ready.into_iter().zip(report.results) {
                         match result {
-                            Ok(outcome) => {
-                                self.count_hydration(&outcome);
-                                done.push((i, Ok(Written::Applied(outcome)), attempt));
-                            }
+                            Ok(outcome) => done.push((i, Ok(Written::Applied(outcome)), attempt)),
                             // Changed between the check and the write: check again.
                             Err(Error::VersionMismatch { .. } | Error::NotFound { .. })
                                 if self.check_target && attempt < max_attempts =>
@@ -453,23 +733,25 @@ impl Applier {
                                 wait = wait.max(e.retry_after().unwrap_or_default());
                                 pending.push((i, record));
                             }
-                            Err(e) => done.push((i, Err(e), attempt)),
+                            Err(e) => done.push((i, Err(give_up(e, attempt)), attempt)),
                         }
                     }
                 }
+            }
+            if let Some(retry_after) = paused {
+                tracing::info!(
+                    wait_ms = retry_after.as_millis() as u64,
+                    "circuit open: the batch waits"
+                );
+                // The events wait for the target rather than fail: their attempts start over once it is back.
+                attempt = 0;
+                wait = retry_after.max(Duration::from_millis(1));
             }
             if !pending.is_empty() {
                 tokio::time::sleep(wait).await;
             }
         }
         done
-    }
-
-    fn count_hydration(&self, outcome: &WriteOutcome) {
-        if outcome.became_hydrated() && outcome.previous_state == Some(HydrationState::Placeholder)
-        {
-            self.counters.incr(Counter::Hydrated);
-        }
     }
 
     /// The write for a record, conditional on the target's version when the target is checked; `Err` with the
@@ -489,317 +771,6 @@ impl Applier {
         Ok(Ok(write))
     }
 
-    /// Re-applies up to `limit` dead letters, oldest first (after a fix: a mapping corrected, a target back). A
-    /// letter whose event now settles is removed; one that fails again stays, with its attempts updated.
-    pub async fn replay_dead_letters(&self, limit: usize) -> Result<ReplayReport> {
-        let letters = self.ledger_call(|| self.ledger.dead_letters(limit)).await?;
-        let mut report = ReplayReport::default();
-        for letter in letters {
-            let event_id = letter.event.event_id.clone();
-            let correlation_id = letter.event.correlation_id;
-            let span =
-                tracing::info_span!("replay", event = %event_id, correlation = %correlation_id);
-            let disposition = correlation::scope(
-                correlation_id,
-                self.settle(letter.event, true).instrument(span),
-            )
-            .await?;
-            match disposition {
-                Disposition::DeadLettered(error) => report.failed.push((event_id, error)),
-                _ => {
-                    // Counted with its settlement: if removing the letter fails, the next replay settles and
-                    // counts it again, so settlements and replays still match.
-                    self.counters.incr(Counter::Replayed);
-                    self.ledger_call(|| self.ledger.remove_dead_letter(&event_id))
-                        .await?;
-                    report.replayed += 1;
-                }
-            }
-        }
-        Ok(report)
-    }
-
-    async fn settle(&self, event: ChangeEvent, replay: bool) -> Result<Disposition> {
-        let source = event.source_record();
-        if let Some(skipped) = self.precheck(&event, &source, replay).await? {
-            return Ok(skipped);
-        }
-        let (write, attempts) = match self.prepare(&event).await {
-            Ok(record) => self.write(record).await,
-            Err(PrepareError::Ledger(e)) => return Err(e),
-            Err(PrepareError::Event(e)) => (Err(e), 0),
-        };
-        self.finish(&event, &source, write, attempts, replay).await
-    }
-
-    /// Echo, duplicate and stale checks; `Some` when the event is settled without a write.
-    async fn precheck(
-        &self,
-        event: &ChangeEvent,
-        source: &SourceRecord,
-        replay: bool,
-    ) -> Result<Option<Disposition>> {
-        let own_write =
-            || (self.ledger).is_own_write(&event.source, &source.reference, event.source_version);
-        if event
-            .origin
-            .as_ref()
-            .is_some_and(|o| self.ignored_origins.contains(o))
-            || self.ledger_call(own_write).await?
-        {
-            return self
-                .skip(event, source, Counter::Echo, Disposition::Echo)
-                .await
-                .map(Some);
-        }
-        if !replay
-            && self
-                .ledger_call(|| self.ledger.is_processed(&event.event_id))
-                .await?
-        {
-            self.counters.incr(Counter::Duplicate);
-            return Ok(Some(Disposition::Duplicate));
-        }
-        if let Some(applied) = self
-            .ledger_call(|| self.ledger.applied_version(source))
-            .await?
-            && applied >= event.source_version
-        {
-            let (counter, disposition) = match applied == event.source_version {
-                true => (Counter::Duplicate, Disposition::Duplicate),
-                false => (Counter::Stale, Disposition::Stale { applied }),
-            };
-            return self
-                .skip(event, source, counter, disposition)
-                .await
-                .map(Some);
-        }
-        Ok(None)
-    }
-
-    /// Settles an event after its write: records it in the ledger and counts it, or dead-letters it.
-    async fn finish(
-        &self,
-        event: &ChangeEvent,
-        source: &SourceRecord,
-        write: Result<Written>,
-        attempts: u32,
-        replay: bool,
-    ) -> Result<Disposition> {
-        match write {
-            Ok(Written::Applied(outcome)) => {
-                // The event settles (Applied) only once the ledger has recorded it: a ledger failure below leaves
-                // it unsettled, to be redelivered. (Hydrations are work done, counted where the write happens.)
-                if let Some(instance) = &self.target_instance
-                    && outcome.change != crate::store::Change::Unchanged
-                {
-                    let written = EntityRef {
-                        table: self.mapping.target_table(&event.table)?,
-                        key: Key::Id(outcome.id),
-                    };
-                    let own = || {
-                        self.ledger
-                            .record_own_write(instance, &written, outcome.version.0)
-                    };
-                    self.ledger_call(own).await?;
-                }
-                let version = Some(event.source_version);
-                self.ledger_call(|| {
-                    self.ledger
-                        .record_processed(&event.event_id, source, version)
-                })
-                .await?;
-                self.counters.incr(Counter::Applied);
-                tracing::debug!(change = ?outcome.change, "applied");
-                Ok(Disposition::Applied(outcome))
-            }
-            Ok(Written::TargetAhead(applied)) => {
-                // The target is ahead of the ledger (a write whose ledger entry was lost): catch the ledger up.
-                let version = Some(applied);
-                self.ledger_call(|| {
-                    self.ledger
-                        .record_processed(&event.event_id, source, version)
-                })
-                .await?;
-                let disposition = match applied == event.source_version {
-                    true => Disposition::Duplicate,
-                    false => Disposition::Stale { applied },
-                };
-                self.counters.incr(match &disposition {
-                    Disposition::Duplicate => Counter::Duplicate,
-                    _ => Counter::Stale,
-                });
-                Ok(disposition)
-            }
-            Err(error) => {
-                tracing::warn!(error = %error, attempts, "dead-lettering the event");
-                let letter = DeadLetter::new(event.clone(), &error, attempts, now_ms());
-                self.ledger_call(|| self.ledger.add_dead_letter(letter.clone()))
-                    .await?;
-                if !replay {
-                    self.ledger_call(|| {
-                        self.ledger.record_processed(&event.event_id, source, None)
-                    })
-                    .await?;
-                    // A replay that fails again settles nothing: its letter stays where it was (see SyncStats).
-                    self.counters.incr(Counter::DeadLettered);
-                }
-                Ok(Disposition::DeadLettered(error))
-            }
-        }
-    }
-
-    async fn skip(
-        &self,
-        event: &ChangeEvent,
-        source: &SourceRecord,
-        counter: Counter,
-        disposition: Disposition,
-    ) -> Result<Disposition> {
-        self.ledger_call(|| self.ledger.record_processed(&event.event_id, source, None))
-            .await?;
-        self.counters.incr(counter);
-        tracing::debug!(outcome = counter.name(), "skipped");
-        Ok(disposition)
-    }
-
-    /// The target record for an event: mapped, keys translated, origin stamped.
-    async fn prepare(&self, event: &ChangeEvent) -> std::result::Result<Record, PrepareError> {
-        if event.is_delete() {
-            return Err(PrepareError::Event(Error::InvalidEvent {
-                event_id: Some(event.event_id.clone()),
-                reason: "delete events are not applied: RecordStore has no delete; handle them out of band".into(),
-            }));
-        }
-        let mut record = self.mapping.apply(event).map_err(PrepareError::Event)?;
-        if self.mapped_tables.contains(&event.table) {
-            let source = event.source_record();
-            record.reference = self.target_of(&source, record.table()).await?;
-        }
-        if !self.mapped_tables.is_empty() {
-            for target in record.lookups.values_mut() {
-                // The event addresses lookup targets with source keys: find the one this lookup came from.
-                let Some(source_target) = event
-                    .lookups
-                    .values()
-                    .find(|t| self.mapping.map_reference(t).ok().as_ref() == Some(&*target))
-                else {
-                    continue;
-                };
-                if self.mapped_tables.contains(&source_target.table) {
-                    let source = SourceRecord::new(event.source.clone(), source_target.clone());
-                    *target = self.target_of(&source, &target.table).await?;
-                }
-            }
-        }
-        if let Some(column) = &self.origin_column {
-            record
-                .fields
-                .insert(column.clone(), self.identity.clone().into());
-        }
-        record.source_version = Some(event.source_version);
-        record.state = HydrationState::Hydrated;
-        Ok(record)
-    }
-
-    /// The target address of a source record of a mapped table; a new GUID is allocated and remembered on first
-    /// sight, before anything is written, so a crash cannot leave two target records for one source record.
-    async fn target_of(
-        &self,
-        source: &SourceRecord,
-        target_table: &TableName,
-    ) -> std::result::Result<EntityRef, PrepareError> {
-        if let Some(target) = self
-            .ledger_call(|| self.ledger.target_of(source))
-            .await
-            .map_err(PrepareError::Ledger)?
-        {
-            return Ok(target);
-        }
-        let target = EntityRef {
-            table: target_table.clone(),
-            key: Key::Id(Uuid::new_v4()),
-        };
-        self.ledger_call(|| self.ledger.map_record(source, &target))
-            .await
-            .map_err(PrepareError::Ledger)?;
-        Ok(target)
-    }
-
-    /// Writes with retries (transient errors), waiting while the circuit is open. Returns the attempts made.
-    async fn write(&self, record: Record) -> (Result<Written>, u32) {
-        let mut attempts = 0u32;
-        loop {
-            let result = self
-                .retry
-                .run_if(
-                    |e| !matches!(e, Error::CircuitOpen { .. }),
-                    || {
-                        attempts += 1;
-                        if attempts > 1 {
-                            self.counters.incr(Counter::Retried);
-                        }
-                        let record = record.clone();
-                        async move { self.breaker.call(|| self.write_once(record)).await }
-                    },
-                )
-                .await;
-            match result {
-                Err(Error::CircuitOpen { retry_after, .. }) => {
-                    // Paused, not failed: wait for the breaker's probe time and try again.
-                    tracing::info!(
-                        wait_ms = retry_after.as_millis() as u64,
-                        "circuit open: event waits"
-                    );
-                    tokio::time::sleep(retry_after.max(Duration::from_millis(1))).await;
-                }
-                other => return (other, attempts),
-            }
-        }
-    }
-
-    async fn write_once(&self, record: Record) -> Result<Written> {
-        const CONTENDED: usize = 5;
-        for _ in 0..CONTENDED {
-            let write = match self.target_check(&record).await? {
-                Ok(write) => write,
-                Err(ahead) => return Ok(ahead),
-            };
-            // A batch of one rather than `write`: its report says which placeholders were created even when the
-            // write itself then fails, and they exist all the same.
-            let report = self.writer.write_batch([write]).await;
-            let created = report.ensured.created().count() as u64;
-            self.counters.add(Counter::PlaceholdersCreated, created);
-            match report.results.into_iter().next() {
-                Some(Ok(outcome)) => {
-                    self.count_hydration(&outcome);
-                    return Ok(Written::Applied(outcome));
-                }
-                // Someone wrote the record between the read and the write: read again.
-                Some(Err(Error::VersionMismatch { .. } | Error::NotFound { .. }))
-                    if self.check_target => {}
-                Some(Err(e)) => return Err(e),
-                None => {
-                    return Err(Error::Backend {
-                        backend: self.writer.store().backend().to_owned(),
-                        message: "a batch of one write returned no result".into(),
-                        retryable: false,
-                        source: None,
-                    });
-                }
-            }
-        }
-        Err(Error::Backend {
-            backend: self.writer.store().backend().to_owned(),
-            message: format!(
-                "{}: the record kept changing during {CONTENDED} attempts",
-                record.reference
-            ),
-            retryable: true,
-            source: None,
-        })
-    }
-
     /// Ledger calls are retried like store calls; a ledger that stays down stops the applier.
     async fn ledger_call<T, F, Fut>(&self, mut call: F) -> Result<T>
     where
@@ -810,19 +781,34 @@ impl Applier {
         // an in-memory ledger call itself.
         match call().await {
             Err(e) if e.is_retryable() => {
-                self.counters.incr(Counter::Retried);
+                tracing::warn!(error = %e, "ledger call failed; retrying");
                 self.retry.run(call).await
             }
             other => other,
         }
     }
+
+    fn internal(&self, message: &str) -> Error {
+        Error::Backend {
+            backend: self.writer.store().backend().to_owned(),
+            message: message.into(),
+            retryable: false,
+            source: None,
+        }
+    }
 }
 
-enum PrepareError {
-    /// The event cannot be applied (dead-letter it).
-    Event(Error),
-    /// The ledger failed (stop).
-    Ledger(Error),
+/// The skip for an event at `version` when `applied` (≥ it) is already there.
+fn behind(applied: u64, version: u64) -> Step {
+    let (counter, disposition) = behind_pair(applied, version);
+    Step::Skip(counter, disposition)
+}
+
+fn behind_pair(applied: u64, version: u64) -> (Counter, Disposition) {
+    match applied == version {
+        true => (Counter::Duplicate, Disposition::Duplicate),
+        false => (Counter::Stale, Disposition::Stale { applied }),
+    }
 }
 
 fn now_ms() -> u64 {

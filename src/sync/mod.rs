@@ -48,6 +48,7 @@ mod ledger;
 mod mapping;
 mod source;
 mod stats;
+mod tasks;
 
 #[cfg(feature = "conformance")]
 pub mod ledger_conformance;
@@ -56,7 +57,11 @@ pub use applier::{Applier, ApplierBuilder, Disposition, ReplayReport};
 #[cfg(feature = "dataverse")]
 pub use dataverse_source::DataverseChangeSource;
 pub use event::{ChangeEvent, ChangeKind, SCHEMA_VERSION};
-pub use ledger::{DeadLetter, Ledger, LedgerSnapshot, MemoryLedger, SourceRecord};
+pub use ledger::{
+    AppliedVersion, Checkpoint, DeadLetter, IdMapping, Ledger, LedgerQuery, LedgerSnapshot,
+    LedgerView, MemoryLedger, OwnWrite, Pruned, Retention, SettledEvent, Settlement, SourceRecord,
+};
 pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};
 pub use source::{ChangeBatch, ChangeSource, Pipeline, QueueSource};
 pub use stats::{Counter, SyncCounters, SyncStats};
+pub use tasks::{DeferredTask, TaskChange, TaskStatus};

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
-use crate::sync::{Applier, ChangeEvent};
+use crate::sync::{Applier, ChangeEvent, Checkpoint};
 
 /// Events read from a source, and the checkpoint to save once all of them have settled.
 #[derive(Clone, Debug, Default)]
@@ -127,23 +127,33 @@ impl Pipeline {
         &self.applier
     }
 
-    /// One poll of up to `max` events: applies them and saves the checkpoint. Returns how many there were. `Err`
-    /// when the source or the ledger failed; nothing after the last saved checkpoint is lost, it is read again.
+    /// One poll of up to `max` events: applies them and saves the checkpoint with them. Returns how many there
+    /// were. `Err` when the source or the ledger failed; nothing after the last saved checkpoint is lost, it is
+    /// read again.
     pub async fn run_once(&self, max: usize) -> Result<usize> {
         let ledger = self.applier.ledger();
         let name = self.source.name();
         let checkpoint = ledger.checkpoint(name).await?;
         let batch = self.source.poll(checkpoint.as_deref(), max).await?;
         let count = batch.events.len();
+        let checkpoint = batch.checkpoint.map(|token| Checkpoint {
+            source: name.to_owned(),
+            token,
+        });
         if self.batched {
-            self.applier.apply_batch(batch.events).await?;
+            // One transaction: the batch's outcomes and the checkpoint.
+            self.applier
+                .apply_batch_from(batch.events, checkpoint)
+                .await?;
         } else {
             for event in batch.events {
                 self.applier.apply(event).await?;
             }
-        }
-        if let Some(checkpoint) = batch.checkpoint {
-            ledger.save_checkpoint(name, &checkpoint).await?;
+            if checkpoint.is_some() {
+                self.applier
+                    .apply_batch_from(Vec::new(), checkpoint)
+                    .await?;
+            }
         }
         tracing::debug!(source = name, events = count, "poll applied");
         Ok(count)

@@ -80,6 +80,12 @@ impl SyncStats {
         .sum()
     }
 
+    /// Adds `n` to one counter (saturating).
+    pub fn count(&mut self, counter: Counter, n: u64) {
+        let field = counter.field_mut(self);
+        *field = field.saturating_add(n);
+    }
+
     /// One counter's value.
     pub fn get(&self, counter: Counter) -> u64 {
         match counter {
@@ -223,6 +229,22 @@ impl SyncCounters {
     /// Adds one to `counter`.
     pub fn incr(&self, counter: Counter) {
         self.add(counter, 1);
+    }
+
+    /// Adds every counter of `stats` (a settled batch): receipts and replays first, then outcomes, so that a
+    /// concurrent [`snapshot`](Self::snapshot) never shows more settled than received plus replayed.
+    pub fn add_stats(&self, stats: &SyncStats) {
+        let is_settlement_source = |c: &Counter| matches!(c, Counter::Received | Counter::Replayed);
+        let sources = Counter::ALL.into_iter().filter(is_settlement_source);
+        let outcomes = Counter::ALL
+            .into_iter()
+            .filter(|c| !is_settlement_source(c));
+        for counter in sources.chain(outcomes) {
+            let n = stats.get(counter);
+            if n > 0 {
+                self.add(counter, n);
+            }
+        }
     }
 
     /// One counter's current value.
