@@ -29,7 +29,7 @@ use crate::hydration::{Policies, TablePolicy};
 use crate::key::{EntityRef, KeyKind, KeyValue};
 use crate::record::{HydrationState, Record, Version};
 use crate::schema::{ColumnType, Schema, TableSchema};
-use crate::store::{Change, Ensured, RecordStore, Write};
+use crate::store::{Change, Delete, DeleteOutcome, Ensured, RecordStore, Write};
 
 /// The tables the scenarios use:
 ///
@@ -91,6 +91,11 @@ pub async fn run_all(store: &Arc<dyn RecordStore>) {
     alternate_keys_are_unique(store).await;
     placeholder_never_downgrades_hydrated(store).await;
     bad_input_is_a_typed_error(store).await;
+    delete_by_id_then_create_again(store).await;
+    delete_by_alternate_key(store).await;
+    delete_of_a_missing_record_is_absent_every_time(store).await;
+    delete_with_a_stale_version_is_rejected(store).await;
+    delete_a_placeholder(store).await;
 }
 
 fn fresh(prefix: &str) -> String {
@@ -143,6 +148,17 @@ async fn must_write(store: &Arc<dyn RecordStore>, write: Write) -> crate::WriteO
         .write(&write)
         .await
         .unwrap_or_else(|e| panic!("writing {reference}: {e}"))
+}
+
+async fn must_delete(store: &Arc<dyn RecordStore>, delete: Delete) -> DeleteOutcome {
+    store
+        .delete(&delete)
+        .await
+        .unwrap_or_else(|e| panic!("deleting {}: {e}", delete.reference))
+}
+
+fn by_id(id: Uuid) -> EntityRef {
+    EntityRef::by_id("account", id).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Create by alternate key, read back by key and by id, update, and see versions grow.
@@ -757,5 +773,229 @@ pub async fn bad_input_is_a_typed_error(store: &Arc<dyn RecordStore>) {
     assert!(
         matches!(read, Err(Error::InvalidKey { .. })),
         "reads validate keys too: {read:?}"
+    );
+    let delete = store
+        .delete(&Delete::new(
+            EntityRef::by_key("account", [("name", "x")]).unwrap_or_else(|e| panic!("{e}")),
+        ))
+        .await;
+    assert!(
+        matches!(&delete, Err(Error::InvalidKey { table, .. }) if table.as_str() == "account"),
+        "deletes validate keys too: {delete:?}"
+    );
+    let delete = store
+        .delete(&Delete::new(
+            EntityRef::by_key("nosuchtable", [("k", "v")]).unwrap_or_else(|e| panic!("{e}")),
+        ))
+        .await;
+    assert!(
+        matches!(delete, Err(Error::UnknownTable { .. })),
+        "a delete on an unknown table: {delete:?}"
+    );
+}
+
+/// Delete by GUID: the record and its alternate key are gone, and the same GUID and key can be created again as
+/// a new record that the deleted one's version does not match.
+pub async fn delete_by_id_then_create_again(store: &Arc<dyn RecordStore>) {
+    let id = Uuid::new_v4();
+    let r = by_id(id);
+    let number = fresh("del-id");
+    let first = must_write(
+        store,
+        Write::create_only(record(
+            &r,
+            json!({"name": "First", "accountnumber": number}),
+        )),
+    )
+    .await;
+    let outcome = must_delete(store, Delete::new(r.clone())).await;
+    assert!(outcome.is_deleted(), "got {outcome:?}");
+    assert_eq!(outcome.id(), Some(id), "a delete by GUID reports that GUID");
+    assert!(
+        outcome
+            .previous_state()
+            .is_none_or(|s| s == HydrationState::Hydrated),
+        "got {outcome:?}"
+    );
+    must_be_absent(store, &r, "a deleted record").await;
+    must_be_absent(store, &account(&number), "a deleted record's alternate key").await;
+
+    let again = must_write(
+        store,
+        Write::create_only(record(
+            &r,
+            json!({"name": "Again", "accountnumber": number}),
+        )),
+    )
+    .await;
+    assert_eq!(
+        (again.id, again.change, again.previous_state),
+        (id, Change::Created, None),
+        "a deleted record can be created again, with the same GUID"
+    );
+    let read = must_read(store, &account(&number)).await;
+    assert_eq!(read.id, id, "the deleted record's key value is free again");
+    assert_eq!(read.record.field("name"), Some(&json!("Again")));
+    let stale = store
+        .delete(&Delete::if_version(r.clone(), first.version))
+        .await;
+    assert!(
+        matches!(&stale, Err(Error::VersionMismatch { expected, .. }) if *expected == first.version),
+        "the deleted record's version does not match the new record: {stale:?}"
+    );
+    must_read(store, &r).await;
+}
+
+/// Delete by alternate key, single and composite (in any part order).
+pub async fn delete_by_alternate_key(store: &Arc<dyn RecordStore>) {
+    let r = account(&fresh("del-key"));
+    let created = must_write(store, Write::upsert(record(&r, json!({"name": "Keyed"})))).await;
+    let outcome = must_delete(store, Delete::new(r.clone())).await;
+    assert!(outcome.is_deleted(), "got {outcome:?}");
+    assert!(
+        outcome.id().is_none_or(|id| id == created.id),
+        "a reported id is the deleted record's: {outcome:?}"
+    );
+    must_be_absent(store, &r, "a record deleted by key").await;
+    must_be_absent(
+        store,
+        &by_id(created.id),
+        "a record deleted by key, by GUID",
+    )
+    .await;
+
+    let email = format!("{}@example.com", fresh("del-ck"));
+    let c = contact(&email, 5);
+    let other = contact(&email, 6);
+    must_write(
+        store,
+        Write::upsert(record(&c, json!({"fullname": "Five"}))),
+    )
+    .await;
+    must_write(
+        store,
+        Write::upsert(record(&other, json!({"fullname": "Six"}))),
+    )
+    .await;
+    let reordered = EntityRef::by_key(
+        "contact",
+        [
+            ("new_externalid", KeyValue::from(5)),
+            ("emailaddress1", email.as_str().into()),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let outcome = must_delete(store, Delete::new(reordered)).await;
+    assert!(outcome.is_deleted(), "got {outcome:?}");
+    must_be_absent(store, &c, "a record deleted by composite key").await;
+    assert_eq!(
+        must_read(store, &other).await.record.field("fullname"),
+        Some(&json!("Six")),
+        "a delete removes only the record it addresses"
+    );
+}
+
+/// Deleting a record that is not there succeeds and says so, as often as it is asked, and creates nothing.
+pub async fn delete_of_a_missing_record_is_absent_every_time(store: &Arc<dyn RecordStore>) {
+    let deleted = account(&fresh("del-twice"));
+    let version = must_write(
+        store,
+        Write::upsert(record(&deleted, json!({"name": "Once"}))),
+    )
+    .await
+    .version;
+    assert!(
+        must_delete(store, Delete::new(deleted.clone()))
+            .await
+            .is_deleted()
+    );
+    let missing = [
+        deleted.clone(),
+        account(&fresh("del-none")),
+        by_id(Uuid::new_v4()),
+        contact(&format!("{}@example.com", fresh("del-none")), 1),
+    ];
+    for r in &missing {
+        for attempt in 1..=2 {
+            let outcome = store.delete(&Delete::new(r.clone())).await;
+            assert!(
+                matches!(outcome, Ok(DeleteOutcome::Absent)),
+                "delete #{attempt} of missing {r}: got {outcome:?}"
+            );
+        }
+        must_be_absent(store, r, "deleting a missing record must not create it").await;
+    }
+    let conditional = store.delete(&Delete::if_version(deleted, version)).await;
+    assert!(
+        matches!(conditional, Ok(DeleteOutcome::Absent)),
+        "a version-conditioned delete of a missing record finds it gone: {conditional:?}"
+    );
+}
+
+/// Optimistic concurrency: a delete based on a stale version is rejected and leaves the record; one at the current
+/// version deletes it.
+pub async fn delete_with_a_stale_version_is_rejected(store: &Arc<dyn RecordStore>) {
+    let r = account(&fresh("del-occ"));
+    let v1 = must_write(store, Write::upsert(record(&r, json!({"name": "v1"}))))
+        .await
+        .version;
+    let v2 = must_write(store, Write::upsert(record(&r, json!({"name": "v2"}))))
+        .await
+        .version;
+    assert!(v2 > v1);
+    let stale = store.delete(&Delete::if_version(r.clone(), v1)).await;
+    match &stale {
+        Err(
+            e @ Error::VersionMismatch {
+                reference,
+                expected,
+                actual,
+            },
+        ) => {
+            assert_eq!(**reference, r, "the error names the record");
+            assert_eq!(*expected, v1);
+            assert!(actual.is_none_or(|a| a == v2), "got {stale:?}");
+            assert!(!e.is_retryable(), "a version mismatch is permanent");
+        }
+        other => panic!("expected VersionMismatch, got {other:?}"),
+    }
+    let kept = must_read(store, &r).await;
+    assert_eq!(
+        (kept.version, kept.record.field("name")),
+        (v2, Some(&json!("v2"))),
+        "a rejected delete changes nothing"
+    );
+    let outcome = must_delete(store, Delete::if_version(r.clone(), v2)).await;
+    assert!(outcome.is_deleted(), "got {outcome:?}");
+    must_be_absent(store, &r, "a delete at the current version").await;
+}
+
+/// A placeholder is deleted like any record; ensuring it again creates a new one.
+pub async fn delete_a_placeholder(store: &Arc<dyn RecordStore>) {
+    let policy = policy();
+    let r = account(&fresh("del-ph"));
+    let report = store.ensure_exists(std::slice::from_ref(&r), &policy).await;
+    assert_eq!(report.created().count(), 1, "ensure failed: {report:?}");
+    let placeholder = must_read(store, &r).await;
+    assert_eq!(placeholder.record.state, HydrationState::Placeholder);
+    let outcome = must_delete(store, Delete::new(r.clone())).await;
+    assert!(outcome.is_deleted(), "got {outcome:?}");
+    assert!(
+        outcome
+            .previous_state()
+            .is_none_or(|s| s == HydrationState::Placeholder),
+        "a reported state before the delete is the placeholder's: {outcome:?}"
+    );
+    must_be_absent(store, &r, "a deleted placeholder").await;
+    let again = store.ensure_exists(std::slice::from_ref(&r), &policy).await;
+    assert_eq!(
+        again.created().count(),
+        1,
+        "a deleted placeholder is missing again, so ensure creates one: {again:?}"
+    );
+    assert_ne!(
+        must_read(store, &r).await.id,
+        placeholder.id,
+        "a new placeholder, not the deleted one"
     );
 }

@@ -51,7 +51,7 @@
 //!
 //! ## The pieces
 //!
-//! * [`RecordStore`]: the storage contract (read, conditional writes, batches) that adapters implement.
+//! * [`RecordStore`]: the storage contract (read, conditional writes and deletes, batches) that adapters implement.
 //! * [`EnsureExists`]: make references exist; every store has it, stores may speed it up.
 //! * [`HydrationPolicy`] / [`Policies`]: what a placeholder holds, when a record is hydrated, what business logic
 //!   may do with a placeholder (allow, reject, defer).
@@ -121,7 +121,10 @@ pub use key::{AlternateKey, EntityRef, Key, KeyKind, KeyValue};
 pub use name::{ColumnName, IntoName, TableName};
 pub use record::{Fields, HydrationState, Lookups, Record, RecordBuilder, StoredRecord, Version};
 pub use retry::RetryPolicy;
-pub use store::{Change, Ensured, Precondition, RecordStore, Write, WriteOutcome};
+pub use store::{
+    Change, Delete, DeleteOutcome, DeletePrecondition, Ensured, Precondition, RecordStore, Write,
+    WriteOutcome,
+};
 pub use writer::{BatchCounts, BatchReport, DEFAULT_BATCH_SIZE, EnsuringWriter, Written};
 
 // Compiles the README's code samples as doctests, so the tour cannot drift from the API.

@@ -112,6 +112,100 @@ impl WriteOutcome {
     }
 }
 
+/// The condition a delete must meet to be applied. A delete that fails its condition changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[non_exhaustive]
+pub enum DeletePrecondition {
+    /// Delete the record whatever its version.
+    #[default]
+    None,
+    /// Optimistic concurrency: delete only if the record is at this version, else [`Error::VersionMismatch`]
+    /// (Dataverse `If-Match: <etag>`).
+    MatchVersion(Version),
+}
+
+/// One delete: the record to delete, by GUID or by alternate key, and the condition it is deleted under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Delete {
+    /// What to delete.
+    pub reference: EntityRef,
+    /// When to delete it.
+    pub precondition: DeletePrecondition,
+}
+
+impl Delete {
+    /// A delete of whatever version the record is at.
+    pub fn new(reference: EntityRef) -> Self {
+        Self {
+            reference,
+            precondition: DeletePrecondition::None,
+        }
+    }
+
+    /// A delete applied only if the record is at `version`.
+    pub fn if_version(reference: EntityRef, version: Version) -> Self {
+        Self {
+            reference,
+            precondition: DeletePrecondition::MatchVersion(version),
+        }
+    }
+}
+
+impl From<EntityRef> for Delete {
+    fn from(reference: EntityRef) -> Self {
+        Delete::new(reference)
+    }
+}
+
+/// The result of a successful delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum DeleteOutcome {
+    /// The record existed and was deleted. Build one with [`DeleteOutcome::deleted`].
+    #[non_exhaustive]
+    Deleted {
+        /// Its primary GUID, when known: always when the delete addressed it by GUID; by alternate key, when the
+        /// store tells (the in-memory store does, Dataverse does not).
+        id: Option<Uuid>,
+        /// Its hydration state just before the delete, when the store tells (the in-memory store does, Dataverse
+        /// does not).
+        previous_state: Option<HydrationState>,
+    },
+    /// No record was at the address: nothing was deleted, nothing changed.
+    Absent,
+}
+
+impl DeleteOutcome {
+    /// A record was deleted.
+    pub fn deleted(id: Option<Uuid>, previous_state: Option<HydrationState>) -> Self {
+        DeleteOutcome::Deleted { id, previous_state }
+    }
+
+    /// True when this delete removed a record, false when there was none.
+    pub fn is_deleted(&self) -> bool {
+        matches!(self, DeleteOutcome::Deleted { .. })
+    }
+
+    /// The deleted record's GUID, when a record was deleted and its GUID is known.
+    pub fn id(&self) -> Option<Uuid> {
+        match self {
+            DeleteOutcome::Deleted { id, .. } => *id,
+            DeleteOutcome::Absent => None,
+        }
+    }
+
+    /// The deleted record's hydration state just before the delete, when a record was deleted and the store
+    /// tells.
+    pub fn previous_state(&self) -> Option<HydrationState> {
+        match self {
+            DeleteOutcome::Deleted { previous_state, .. } => *previous_state,
+            DeleteOutcome::Absent => None,
+        }
+    }
+}
+
 /// What ensuring one reference found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -141,11 +235,17 @@ pub enum Ensured {
 /// * A write that changes nothing reports [`Change::Unchanged`] and does not bump the version.
 /// * A record's hydration state never goes from hydrated back to placeholder; the write that makes a record
 ///   hydrated reports it in [`WriteOutcome::previous_state`].
+/// * A delete removes the record and frees its alternate key values; the record then reads as missing and can be
+///   created again. Deleting a record that is not there succeeds with [`DeleteOutcome::Absent`], also under a
+///   version condition (the record is gone either way), so deletes can be repeated. A delete whose version
+///   condition fails is [`Error::VersionMismatch`] and changes nothing.
+/// * What a delete does to records whose lookups point at the deleted one is the backend's business (Dataverse
+///   applies the relationship's cascade settings; the in-memory store leaves those lookups as they are).
 /// * Transient failures are reported as errors whose [`Error::is_retryable`] is true.
 ///
 /// # Implementing
 ///
-/// Implement [`read`](Self::read) and [`write`](Self::write). Override [`write_batch`](Self::write_batch) when the
+/// Implement [`read`](Self::read), [`write`](Self::write) and [`delete`](Self::delete). Override [`write_batch`](Self::write_batch) when the
 /// backend can do better than one call per write, and [`ensure_placeholders`](Self::ensure_placeholders) when it
 /// has a faster way to create-if-missing than create-only writes. [`EnsureExists`](crate::EnsureExists) comes for
 /// free.
@@ -159,6 +259,11 @@ pub trait RecordStore: Send + Sync + Debug {
 
     /// Applies one write. Writes are borrowed so that callers can resend them (retries, re-ensure).
     async fn write(&self, write: &Write) -> Result<WriteOutcome>;
+
+    /// Deletes one record, under its [`DeletePrecondition`]. Deleting a record that is not there is not an error:
+    /// it reports [`DeleteOutcome::Absent`], so a delete can be retried or redelivered safely. An address the
+    /// table does not declare is [`Error::InvalidKey`] (or [`Error::UnknownTable`]).
+    async fn delete(&self, delete: &Delete) -> Result<DeleteOutcome>;
 
     /// Applies writes in order and returns one result per write, in the same order. One failure does not stop
     /// or hide the others, and a failed item changes nothing.
@@ -225,6 +330,9 @@ macro_rules! forward_record_store {
             async fn write(&self, write: &Write) -> Result<WriteOutcome> {
                 (**self).write(write).await
             }
+            async fn delete(&self, delete: &Delete) -> Result<DeleteOutcome> {
+                (**self).delete(delete).await
+            }
             async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
                 (**self).write_batch(writes).await
             }
@@ -266,5 +374,23 @@ mod tests {
         assert_send(&store.ensure_exists(&[], policy));
         let reference = EntityRef::by_id("t", Uuid::from_u128(1)).unwrap();
         assert_send(&store.read(&reference));
+        let delete = Delete::new(reference);
+        assert_send(&store.delete(&delete));
+    }
+
+    #[test]
+    fn delete_outcomes_say_what_was_deleted() {
+        let id = Uuid::from_u128(7);
+        let deleted = DeleteOutcome::deleted(Some(id), Some(HydrationState::Placeholder));
+        assert!(deleted.is_deleted());
+        assert_eq!(deleted.id(), Some(id));
+        assert_eq!(deleted.previous_state(), Some(HydrationState::Placeholder));
+        let absent = DeleteOutcome::Absent;
+        assert!(!absent.is_deleted());
+        assert_eq!((absent.id(), absent.previous_state()), (None, None));
+        assert_eq!(serde_json::to_value(absent).unwrap(), "absent");
+        let round_trip: DeleteOutcome =
+            serde_json::from_value(serde_json::to_value(deleted).unwrap()).unwrap();
+        assert_eq!(round_trip, deleted);
     }
 }

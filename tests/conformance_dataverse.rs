@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use eventual_upsert::dataverse::{DataverseConfig, DataverseStore};
 use eventual_upsert::{
-    Ensured, EntityRef, Record, RecordStore, Result, StoredRecord, Write, WriteOutcome, conformance,
+    Delete, DeleteOutcome, Ensured, EntityRef, Record, RecordStore, Result, StoredRecord, Write,
+    WriteOutcome, conformance,
 };
 
 #[path = "common/scenarios.rs"]
@@ -97,6 +98,10 @@ impl RecordStore for Recording {
 
     async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
         self.store.read(reference).await
+    }
+
+    async fn delete(&self, delete: &Delete) -> Result<DeleteOutcome> {
+        RecordStore::delete(&self.store, delete).await
     }
 
     async fn write(&self, write: &Write) -> Result<WriteOutcome> {

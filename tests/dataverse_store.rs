@@ -16,8 +16,8 @@ use eventual_upsert::dataverse::DataverseConfig;
 use eventual_upsert::dataverse::auth::{Secret, TokenProvider};
 use eventual_upsert::emulator::{EmulatedTable, Emulator};
 use eventual_upsert::{
-    BreakerConfig, Change, EnsureExists, EnsuringWriter, EntityRef, Error, HydrationState, Record,
-    RecordStore, Result, RetryPolicy, Write, conformance,
+    BreakerConfig, Change, Delete, DeleteOutcome, EnsureExists, EnsuringWriter, EntityRef, Error,
+    HydrationState, Record, RecordStore, Result, RetryPolicy, Version, Write, conformance,
 };
 
 fn account(number: &str) -> EntityRef {
@@ -252,11 +252,24 @@ async fn not_found_and_conflicts_do_not_open_the_circuit() {
         .build()
         .unwrap();
     let existing = account("C-1");
-    store
+    let version = store
         .write(&Write::upsert(named(&existing, "C")))
         .await
-        .unwrap();
+        .unwrap()
+        .version;
     for _ in 0..3 {
+        assert!(matches!(
+            RecordStore::delete(&store, &Delete::new(account("missing"))).await,
+            Ok(DeleteOutcome::Absent)
+        ));
+        assert!(matches!(
+            RecordStore::delete(
+                &store,
+                &Delete::if_version(existing.clone(), Version(version.0 + 1))
+            )
+            .await,
+            Err(Error::VersionMismatch { .. })
+        ));
         assert!(matches!(
             store
                 .write(&Write::create_only(named(&existing, "again")))
@@ -555,6 +568,85 @@ async fn a_failure_that_may_have_been_applied_is_retried_only_for_idempotent_req
         .remove(0)
         .unwrap();
     assert_eq!(store.stats().retries, 2);
+}
+
+#[tokio::test]
+async fn a_delete_is_one_request_retried_after_a_transient_failure() {
+    let emulator = dataverse::conformance_emulator().await;
+    let store = dataverse::conformance_store(&emulator);
+    let reference = account("D-1");
+    let created = store
+        .write(&Write::upsert(named(&reference, "Doomed")))
+        .await
+        .unwrap();
+    emulator.reset_counts();
+    // A delete is idempotent: resent after a 500 that may have reached the service.
+    emulator.faults().fail_next(1, 500);
+    let outcome = RecordStore::delete(&store, &Delete::new(reference.clone()))
+        .await
+        .unwrap();
+    assert!(outcome.is_deleted(), "{outcome:?}");
+    assert_eq!(
+        outcome.id(),
+        None,
+        "the service does not say which row a delete by key removed"
+    );
+    assert_eq!(store.stats().retries, 1);
+    let counts = emulator.counts();
+    assert_eq!(counts.http_requests, 2, "the failed attempt and the retry");
+    assert_eq!(counts.by_kind.get("delete"), Some(&1));
+    assert_eq!(emulator.row_count("account"), 0);
+    // By GUID the id is known; the inherent delete still says whether a record went.
+    let by_id = EntityRef::by_id("account", created.id).unwrap();
+    assert_eq!(
+        RecordStore::delete(&store, &Delete::new(by_id.clone()))
+            .await
+            .unwrap(),
+        DeleteOutcome::Absent
+    );
+    store
+        .write(&Write::upsert(named(&by_id, "Again")))
+        .await
+        .unwrap();
+    let outcome = RecordStore::delete(&store, &Delete::new(by_id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(outcome, DeleteOutcome::deleted(Some(created.id), None));
+    assert!(!store.delete(&by_id).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_conditional_delete_sends_if_match_and_the_tag() {
+    let (url, seen) = recording_service().await;
+    let store = dataverse::conformance_settings(DataverseConfig::new(url, conformance::schema()))
+        .with_tag("sync")
+        .build()
+        .unwrap();
+    let conditional = Delete::if_version(account("H-1"), Version(42));
+    assert_eq!(
+        RecordStore::delete(&store, &conditional).await.unwrap(),
+        DeleteOutcome::Absent,
+        "a 404 for the row itself is absent"
+    );
+    let id = Uuid::from_u128(0xD1);
+    assert!(
+        !store
+            .delete(&EntityRef::by_id("account", id).unwrap())
+            .await
+            .unwrap()
+    );
+    let seen = seen.lock().unwrap().clone();
+    let paths: Vec<&str> = seen.iter().map(|(path, _)| path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/api/data/v9.2/accounts(accountnumber='H-1')?tag=sync".to_owned(),
+            format!("/api/data/v9.2/accounts({id})?tag=sync"),
+        ]
+    );
+    let if_match = |i: usize| seen[i].1.get("if-match").and_then(|v| v.to_str().ok());
+    assert_eq!(if_match(0), Some("W/\"42\""));
+    assert_eq!(if_match(1), None, "no condition, no If-Match");
 }
 
 #[tokio::test]

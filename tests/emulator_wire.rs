@@ -606,6 +606,53 @@ async fn item_17_stale_if_match_is_412_on_patch_and_delete() {
 }
 
 #[tokio::test]
+async fn item_17_delete_by_alternate_key_and_if_match_on_a_missing_row() {
+    let api = Api::new().await;
+    let g = id(1);
+    api.account(g, json!({"name": "N", "accountnumber": "K1"}))
+        .await;
+    let by_key = "accounts(accountnumber='K1')";
+    let r = send(api.delete(by_key).header("If-Match", etag(7))).await;
+    assert_error(
+        &r,
+        412,
+        "0x80060882",
+        "The version of the existing record doesn't match the RowVersion property provided.",
+    );
+    assert_eq!(api.emu.row_count("account"), 1);
+    let r = send(api.delete(by_key).header("If-Match", etag(1))).await;
+    assert_eq!(r.status, 204);
+    assert!(r.body.is_empty());
+    assert_eq!(api.emu.row_count("account"), 0);
+    // A missing row is 404 whatever the condition, by key and by id.
+    let r = send(api.delete(by_key).header("If-Match", etag(1))).await;
+    assert_error(
+        &r,
+        404,
+        "0x80060891",
+        "A record with the specified key values does not exist in account entity",
+    );
+    let r = send(
+        api.delete(&format!("accounts({g})"))
+            .header("If-Match", "*"),
+    )
+    .await;
+    assert_error(
+        &r,
+        404,
+        "0x80040217",
+        &format!("Entity 'account' With Id = {g} Does Not Exist"),
+    );
+    api.account(id(2), json!({"name": "M"})).await;
+    let r = send(
+        api.delete(&format!("accounts({})", id(2)))
+            .header("If-Match", "*"),
+    )
+    .await;
+    assert_eq!(r.status, 204, "If-Match: * deletes an existing row");
+}
+
+#[tokio::test]
 async fn item_18_conditional_get_is_304_unless_expanded_or_annotated() {
     let api = Api::new().await;
     let g = id(1);

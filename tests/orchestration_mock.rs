@@ -9,8 +9,8 @@ use mockall::{Sequence, mock};
 use uuid::Uuid;
 
 use eventual_upsert::{
-    Change, Ensured, EnsuringWriter, EntityRef, Error, HydrationState, Policies, Record,
-    RecordStore, Result, StoredRecord, TablePolicy, Version, Write, WriteOutcome,
+    Change, Delete, DeleteOutcome, Ensured, EnsuringWriter, EntityRef, Error, HydrationState,
+    Policies, Record, RecordStore, Result, StoredRecord, TablePolicy, Version, Write, WriteOutcome,
 };
 
 mock! {
@@ -20,6 +20,7 @@ mock! {
         fn backend(&self) -> &str;
         async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>>;
         async fn write(&self, write: &Write) -> Result<WriteOutcome>;
+        async fn delete(&self, delete: &Delete) -> Result<DeleteOutcome>;
         async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>>;
         async fn ensure_placeholders(&self, placeholders: Vec<Record>) -> Vec<Result<Ensured>>;
     }

@@ -44,9 +44,9 @@ use eventual_upsert::sync::{
     MemoryLedger, Pipeline, Pruned, QueueSource, Retention, Settlement, SyncStats,
 };
 use eventual_upsert::{
-    BreakerConfig, Change, ColumnName, Ensured, EnsuringWriter, EntityRef, Error, HydrationState,
-    KeyKind, Policies, Precondition, Record, RecordStore, Result, RetryPolicy, StoredRecord,
-    TableName, TablePolicy, Write, WriteOutcome,
+    BreakerConfig, Change, ColumnName, Delete, DeleteOutcome, Ensured, EnsuringWriter, EntityRef,
+    Error, HydrationState, KeyKind, Policies, Precondition, Record, RecordStore, Result,
+    RetryPolicy, StoredRecord, TableName, TablePolicy, Write, WriteOutcome,
 };
 
 const SOURCE: &str = "us";
@@ -408,6 +408,11 @@ impl RecordStore for RecordingStore {
 
     async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
         self.inner.read(reference).await
+    }
+
+    // The simulation never deletes (the applier does not apply delete events); forwarded unlogged.
+    async fn delete(&self, delete: &Delete) -> Result<DeleteOutcome> {
+        self.inner.delete(delete).await
     }
 
     async fn write(&self, write: &Write) -> Result<WriteOutcome> {

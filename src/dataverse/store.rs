@@ -26,7 +26,10 @@ use crate::error::{Error, Result};
 use crate::key::{EntityRef, Key};
 use crate::name::TableName;
 use crate::record::{HydrationState, Record, StoredRecord};
-use crate::store::{Change, Ensured, Precondition, RecordStore, Write, WriteOutcome};
+use crate::store::{
+    Change, Delete, DeleteOutcome, DeletePrecondition, Ensured, Precondition, RecordStore, Write,
+    WriteOutcome,
+};
 
 /// How often a single write re-reads and retries when the row keeps changing under it.
 const MAX_CONTENTION_ROUNDS: usize = 5;
@@ -42,6 +45,9 @@ const MAX_CONTENTION_ROUNDS: usize = 5;
 ///   [`Change::Updated`] (Dataverse bumps the row version on every update). Hydration is still exact: a write
 ///   that lands on a placeholder is followed by a conditional update that clears the state column, and only the
 ///   write that clears it reports the transition.
+/// * [`delete`](RecordStore::delete) is one `DELETE` to the record's address (`If-Match: <etag>` for a version
+///   condition); the service answers no body, so the outcome names the id only when the delete addressed it by
+///   GUID and never the state before.
 /// * [`bulk_upsert`](Self::bulk_upsert) uses `UpsertMultiple` for the fastest bulk sync, without per-record
 ///   outcomes.
 ///
@@ -437,19 +443,12 @@ impl DataverseStore {
         })
     }
 
-    /// Deletes a record; `Ok(false)` if it did not exist. Not part of [`RecordStore`] (the pattern never deletes);
-    /// here for cleaning up after tests and for tools.
+    /// Deletes a record whatever its version; `Ok(false)` if it did not exist. [`RecordStore::delete`] without a
+    /// precondition, for tools and tests that only need to know whether a record went. It shadows the trait
+    /// method in method-call syntax: call `RecordStore::delete(&store, &delete)` for a conditional delete.
     pub async fn delete(&self, reference: &EntityRef) -> Result<bool> {
-        let inner = &self.inner;
-        let table = inner.addressed(reference)?;
-        let context = inner.context(Some(reference), None);
-        let request = Request::new(Method::DELETE, table.address(&reference.key), "delete");
-        let response = inner.execute(request, &context).await?;
-        match response.status {
-            200 | 204 => Ok(true),
-            404 if is_missing_row(&response.body) => Ok(false),
-            _ => Err(inner.error(&response, &context)),
-        }
+        let outcome = RecordStore::delete(self, &Delete::new(reference.clone())).await?;
+        Ok(outcome.is_deleted())
     }
 
     /// Whether `table` supports the bulk messages (asks the service once, then remembers).
@@ -471,6 +470,10 @@ impl RecordStore for DataverseStore {
     async fn write(&self, write: &Write) -> Result<WriteOutcome> {
         self.operation("write", 1, self.inner.write_exact(write))
             .await
+    }
+
+    async fn delete(&self, delete: &Delete) -> Result<DeleteOutcome> {
+        self.operation("delete", 1, self.inner.delete(delete)).await
     }
 
     async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
@@ -553,6 +556,33 @@ impl Inner {
                 Ok(Some(table.stored(row)?))
             }
             404 if is_missing_row(&response.body) => Ok(None),
+            _ => Err(self.error(&response, &context)),
+        }
+    }
+
+    /// One `DELETE` to the record's address. A 404 for the record itself is `Absent` (also after a retry whose
+    /// first attempt did delete it), a 412 the version condition failing.
+    async fn delete(&self, delete: &Delete) -> Result<DeleteOutcome> {
+        let reference = &delete.reference;
+        let table = self.addressed(reference)?;
+        let context = self.context(Some(reference), None);
+        let mut request = Request::new(
+            Method::DELETE,
+            self.tagged(table.address(&reference.key)),
+            "delete",
+        );
+        if let DeletePrecondition::MatchVersion(version) = delete.precondition {
+            request = request.header("If-Match", etag(version));
+        }
+        let response = self.execute(request, &context).await?;
+        match (response.status, delete.precondition) {
+            (200 | 204, _) => Ok(DeleteOutcome::deleted(reference.id(), None)),
+            (404, _) if is_missing_row(&response.body) => Ok(DeleteOutcome::Absent),
+            (412, DeletePrecondition::MatchVersion(expected)) => Err(Error::VersionMismatch {
+                reference: Box::new(reference.clone()),
+                expected,
+                actual: None,
+            }),
             _ => Err(self.error(&response, &context)),
         }
     }

@@ -5,6 +5,7 @@ mod faults;
 
 pub use faults::{Fault, FaultInjector};
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +19,10 @@ use crate::key::{AlternateKey, EntityRef, Key, KeyValue};
 use crate::name::{ColumnName, TableName};
 use crate::record::{Fields, HydrationState, Record, StoredRecord, Version};
 use crate::schema::{AlternateKeyDef, Schema, TableSchema};
-use crate::store::{Change, Precondition, RecordStore, Write, WriteOutcome};
+use crate::store::{
+    Change, Delete, DeleteOutcome, DeletePrecondition, Precondition, RecordStore, Write,
+    WriteOutcome,
+};
 
 /// Calls a [`MemoryStore`] has served, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,10 +33,12 @@ pub struct MemoryStats {
     pub write_calls: u64,
     /// Writes received, batched or not.
     pub writes: u64,
+    /// `delete` calls.
+    pub deletes: u64,
 }
 
-/// A thread-safe in-memory store. Each write (and each whole batch) holds one lock, so every item is atomic and
-/// create-only is race-free.
+/// A thread-safe in-memory store. Each write, each delete and each whole batch holds one lock, so every item is
+/// atomic and create-only is race-free.
 pub struct MemoryStore {
     name: String,
     schema: Schema,
@@ -41,6 +47,7 @@ pub struct MemoryStore {
     reads: AtomicU64,
     write_calls: AtomicU64,
     writes: AtomicU64,
+    deletes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -90,6 +97,7 @@ impl MemoryStore {
             reads: AtomicU64::new(0),
             write_calls: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            deletes: AtomicU64::new(0),
         }
     }
 
@@ -115,6 +123,7 @@ impl MemoryStore {
             reads: self.reads.load(Ordering::Relaxed),
             write_calls: self.write_calls.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
+            deletes: self.deletes.load(Ordering::Relaxed),
         }
     }
 
@@ -174,6 +183,15 @@ impl RecordStore for MemoryStore {
             .await
             .map_err(|fault| fault.error(&self.name))?;
         self.lock().apply(&self.schema, write)
+    }
+
+    async fn delete(&self, delete: &Delete) -> Result<DeleteOutcome> {
+        self.deletes.fetch_add(1, Ordering::Relaxed);
+        self.faults
+            .check()
+            .await
+            .map_err(|fault| fault.error(&self.name))?;
+        self.lock().delete(&self.schema, delete)
     }
 
     async fn write_batch(&self, writes: &[Write]) -> Vec<Result<WriteOutcome>> {
@@ -328,6 +346,42 @@ impl Data {
             None => self.create(table, record, lookups),
             Some(id) => self.update(table, id, record, lookups, precondition),
         }
+    }
+
+    /// Checks and applies one delete. Nothing is modified unless the precondition holds.
+    fn delete(&mut self, schema: &Schema, delete: &Delete) -> Result<DeleteOutcome> {
+        let reference = &delete.reference;
+        let table = schema.table(&reference.table)?;
+        let Some(id) = self.locate(schema, reference)? else {
+            return Ok(DeleteOutcome::Absent);
+        };
+        let Some(data) = self.tables.get_mut(&table.name) else {
+            return Ok(DeleteOutcome::Absent);
+        };
+        let Entry::Occupied(entry) = data.rows.entry(id) else {
+            return Ok(DeleteOutcome::Absent);
+        };
+        let version = entry.get().version;
+        if let DeletePrecondition::MatchVersion(expected) = delete.precondition
+            && expected.0 != version
+        {
+            return Err(Error::VersionMismatch {
+                reference: Box::new(reference.clone()),
+                expected,
+                actual: Some(Version(version)),
+            });
+        }
+        let row = entry.remove();
+        // Free the row's alternate key values, so that another record may take them.
+        for (index, def) in table.alternate_keys.iter().enumerate() {
+            if let Some(values) = key_values(def, |c| row.fields.get(c))
+                && let Some(keys) = data.keys.get_mut(index)
+                && keys.get(&values) == Some(&id)
+            {
+                keys.remove(&values);
+            }
+        }
+        Ok(DeleteOutcome::deleted(Some(id), Some(row.state)))
     }
 
     fn create(
@@ -487,5 +541,103 @@ impl Data {
             previous_state: Some(previous_state),
             state,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::key::KeyKind;
+
+    fn store() -> MemoryStore {
+        let account = TableSchema::builder("account")
+            .primary_name("name")
+            .alternate_key([("accountnumber", KeyKind::String)])
+            .build()
+            .unwrap();
+        MemoryStore::new(Schema::new([account]).unwrap()).named("t")
+    }
+
+    fn account(number: &str) -> EntityRef {
+        EntityRef::by_key("account", [("accountnumber", number)]).unwrap()
+    }
+
+    async fn create(store: &MemoryStore, reference: &EntityRef) -> WriteOutcome {
+        let record = Record::builder(reference.clone())
+            .field("name", "N")
+            .build()
+            .unwrap();
+        store.write(&Write::upsert(record)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn deletes_pass_the_fault_injector_and_a_failed_one_changes_nothing() {
+        let store = store();
+        let reference = account("A-1");
+        let created = create(&store, &reference).await;
+        store.faults().go_down();
+        let down = store.delete(&Delete::new(reference.clone())).await;
+        assert!(
+            matches!(&down, Err(Error::Unavailable { backend, .. }) if backend == "memory:t"),
+            "{down:?}"
+        );
+        store.faults().restore();
+        store.faults().fail_next(
+            1,
+            Fault::Throttled {
+                retry_after: Duration::from_secs(2),
+            },
+        );
+        let throttled = store.delete(&Delete::new(reference.clone())).await;
+        assert!(
+            matches!(throttled, Err(ref e) if e.is_retryable() && e.retry_after() == Some(Duration::from_secs(2))),
+            "{throttled:?}"
+        );
+        assert!(
+            store.read(&reference).await.unwrap().is_some(),
+            "failed deletes leave the record"
+        );
+        let deleted = store.delete(&Delete::new(reference.clone())).await.unwrap();
+        assert_eq!(
+            deleted,
+            DeleteOutcome::deleted(Some(created.id), Some(HydrationState::Hydrated))
+        );
+        assert_eq!(store.stats().deletes, 3, "failed calls count too");
+        assert_eq!(store.stats().write_calls, 1, "deletes are not writes");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_deletes_of_one_record_delete_it_once() {
+        const TASKS: usize = 16;
+        let store = Arc::new(store());
+        let reference = account("A-2");
+        create(&store, &reference).await;
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..TASKS {
+            let (store, reference, barrier) = (store.clone(), reference.clone(), barrier.clone());
+            tasks.spawn(async move {
+                barrier.wait().await;
+                store.delete(&Delete::new(reference)).await
+            });
+        }
+        let mut deleted = 0;
+        while let Some(joined) = tasks.join_next().await {
+            match joined.unwrap() {
+                Ok(outcome) if outcome.is_deleted() => deleted += 1,
+                Ok(_) => {}
+                Err(e) => panic!("a concurrent delete failed: {e}"),
+            }
+        }
+        assert_eq!(deleted, 1, "exactly one delete finds the record");
+        assert!(
+            store
+                .records(&TableName::new("account").unwrap())
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -22,6 +22,11 @@ macro_rules! conformance_scenarios {
             alternate_keys_are_unique,
             placeholder_never_downgrades_hydrated,
             bad_input_is_a_typed_error,
+            delete_by_id_then_create_again,
+            delete_by_alternate_key,
+            delete_of_a_missing_record_is_absent_every_time,
+            delete_with_a_stale_version_is_rejected,
+            delete_a_placeholder,
         );
     };
     (@each $setup:expr; $($name:ident),* $(,)?) => {$(
