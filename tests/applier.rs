@@ -356,15 +356,81 @@ async fn mapped_tables_get_target_guids_through_the_external_id_map() {
 }
 
 #[tokio::test]
-async fn delete_events_are_dead_lettered_with_the_reason() {
+async fn delete_events_delete_and_leave_a_tombstone_that_older_updates_cannot_lift() {
     let s = setup(|b| b);
+    s.applier
+        .apply(account_event(1, 2, "Doomed"))
+        .await
+        .unwrap();
     let delete = ChangeEvent::delete("us", &account_by_id(1), 3);
-    let disposition = s.applier.apply(delete).await.unwrap();
+    let disposition = s.applier.apply(delete.clone()).await.unwrap();
     assert!(
-        matches!(&disposition, Disposition::DeadLettered(e) if e.to_string().contains("delete")),
+        matches!(&disposition, Disposition::Deleted(outcome) if outcome.is_deleted()),
         "{disposition:?}"
     );
-    assert!(s.applier.stats().is_accounted());
+    assert_eq!(s.store.read(&account_by_id(1)).await.unwrap(), None);
+    // A late update older than the delete: stale, never written, the record stays gone.
+    let late = s
+        .applier
+        .apply(account_event(1, 2, "Resurrected?").with_event_id("late"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(late, Disposition::Stale { applied: 3 }),
+        "{late:?}"
+    );
+    assert_eq!(s.store.read(&account_by_id(1)).await.unwrap(), None);
+    // The same delete again (a redelivery): a duplicate. A delete of a record never seen: applied, absent.
+    assert!(matches!(
+        s.applier.apply(delete).await.unwrap(),
+        Disposition::Duplicate
+    ));
+    let absent = s
+        .applier
+        .apply(ChangeEvent::delete("us", &account_by_id(9), 1))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&absent, Disposition::Deleted(outcome) if !outcome.is_deleted()),
+        "{absent:?}"
+    );
+    // A newer update after the delete creates the record again.
+    s.applier
+        .apply(account_event(1, 4, "Reborn"))
+        .await
+        .unwrap();
+    assert_eq!(
+        name_of(&s.store, &account_by_id(1)).await,
+        Some(json!("Reborn"))
+    );
+    let stats = s.applier.stats();
+    assert!(stats.is_accounted(), "{stats}");
+    assert_eq!((stats.applied, stats.stale, stats.duplicate), (4, 1, 1));
+}
+
+#[tokio::test]
+async fn a_delete_and_an_older_update_in_one_batch_keep_the_record_deleted() {
+    let s = setup(|b| b);
+    s.applier
+        .apply(account_event(1, 1, "Doomed"))
+        .await
+        .unwrap();
+    let dispositions = s
+        .applier
+        .apply_batch(vec![
+            ChangeEvent::delete("us", &account_by_id(1), 5),
+            account_event(1, 4, "Older"),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            dispositions.as_slice(),
+            [Disposition::Deleted(_), Disposition::Stale { applied: 5 }]
+        ),
+        "{dispositions:?}"
+    );
+    assert_eq!(s.store.read(&account_by_id(1)).await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -418,6 +484,7 @@ async fn a_batch_writes_the_newest_version_per_record_and_settles_every_event() 
             Disposition::Stale { .. } => "stale",
             Disposition::Echo => "echo",
             Disposition::DeadLettered(_) => "dead",
+            _ => "other",
         })
         .collect();
     assert_eq!(
@@ -475,4 +542,80 @@ async fn a_batch_retries_transient_failures_and_dead_letters_only_the_poison() {
     let stats = s.applier.stats();
     assert!(stats.retried > 0 && stats.is_accounted(), "{stats:?}");
     assert_eq!(s.ledger.dead_letter_count().await.unwrap(), 1);
+}
+
+/// The defect of issue 9: a placeholder created by alternate key (the LOB app), hydrated by a sync event addressed
+/// by its source GUID, must take every later update of that GUID too.
+#[tokio::test]
+async fn a_placeholder_made_by_key_and_hydrated_by_guid_takes_every_later_update() {
+    let s = setup(|b| b);
+    let by_key = EntityRef::by_key("account", [("accountnumber", "A-1")]).unwrap();
+    let contact = Record::builder(EntityRef::by_id("contact", Uuid::from_u128(100)).unwrap())
+        .field("fullname", "Ada")
+        .lookup("parentcustomerid", by_key.clone())
+        .build()
+        .unwrap();
+    s.applier.writer().write(contact).await.unwrap();
+    let placeholder = s.store.read(&by_key).await.unwrap().unwrap();
+    assert_eq!(placeholder.record.state, HydrationState::Placeholder);
+
+    for (version, name) in [(1, "Fabrikam"), (2, "Fabrikam Ltd"), (3, "Fabrikam Group")] {
+        let disposition = s
+            .applier
+            .apply(account_event(1, version, name))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&disposition, Disposition::Applied(o) if o.id == placeholder.id),
+            "version {version}: {disposition:?}"
+        );
+    }
+    assert_eq!(s.ledger.dead_letter_count().await.unwrap(), 0);
+    let accounts = s
+        .store
+        .records(&TableName::new("account").unwrap())
+        .unwrap();
+    assert_eq!(accounts.len(), 1, "one record: {accounts:?}");
+    assert_eq!(accounts[0].id, placeholder.id);
+    assert_eq!(
+        accounts[0].record.field("name"),
+        Some(&json!("Fabrikam Group"))
+    );
+    assert_eq!(accounts[0].record.state, HydrationState::Hydrated);
+    assert_eq!(
+        s.store.read(&account_by_id(1)).await.unwrap(),
+        None,
+        "nothing under the source GUID"
+    );
+    let alias = s
+        .ledger
+        .snapshot()
+        .id_map
+        .into_iter()
+        .find(|(from, _)| from.reference == account_by_id(1));
+    assert_eq!(
+        alias.map(|(_, to)| to),
+        Some(EntityRef::by_id("account", placeholder.id).unwrap()),
+        "the ledger's id map names the placeholder as the source GUID's record"
+    );
+    // A contact synced later whose lookup names the account by its source GUID lands on the same record.
+    s.applier.apply(contact_event(101, 1, 1)).await.unwrap();
+    let synced = s
+        .store
+        .read(&EntityRef::by_id("contact", Uuid::from_u128(101)).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        synced.record.lookups["parentcustomerid"],
+        EntityRef::by_id("account", placeholder.id).unwrap()
+    );
+    assert_eq!(
+        s.store
+            .records(&TableName::new("account").unwrap())
+            .unwrap()
+            .len(),
+        1,
+        "no second account"
+    );
 }

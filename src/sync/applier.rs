@@ -17,7 +17,7 @@ use crate::name::{ColumnName, IntoName, TableName};
 use crate::record::{HydrationState, Record};
 use crate::retry::RetryPolicy;
 use crate::schema::Schema;
-use crate::store::{Change, Precondition, RecordStore, Write, WriteOutcome};
+use crate::store::{Change, Delete, DeleteOutcome, Precondition, RecordStore, Write, WriteOutcome};
 use crate::sync::{
     AppliedVersion, ChangeEvent, Checkpoint, Counter, DeadLetter, IdMapping, Ledger, LedgerQuery,
     LedgerView, Mapping, OwnWrite, SettledEvent, Settlement, SourceRecord, SyncCounters, SyncStats,
@@ -27,9 +27,12 @@ use crate::writer::EnsuringWriter;
 
 /// What became of one event.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum Disposition {
     /// Written to the target.
     Applied(WriteOutcome),
+    /// A delete event, applied: the record is gone from the target (or was never there).
+    Deleted(DeleteOutcome),
     /// Skipped: this event (or this record at this version) was already processed.
     Duplicate,
     /// Skipped: a newer version of the record was already applied.
@@ -214,6 +217,7 @@ pub struct Applier {
 /// What the write step found.
 enum Written {
     Applied(WriteOutcome),
+    Deleted(DeleteOutcome),
     /// The target already holds this version or a newer one.
     TargetAhead(u64),
 }
@@ -356,8 +360,15 @@ impl Applier {
                 }
             }
         }
-        for (i, written, attempts) in self.write_rounds(prepared, &mut settlement.stats).await {
+        let (deletes, upserts): (Vec<_>, Vec<_>) = prepared
+            .into_iter()
+            .partition(|(i, _)| events[*i].is_delete());
+        for (i, written, attempts) in self.write_rounds(upserts, &mut settlement.stats).await {
             steps[i] = Step::Done(written, attempts);
+        }
+        for (i, record) in deletes {
+            let (deleted, attempts) = self.delete(&record).await;
+            steps[i] = Step::Done(deleted, attempts);
         }
         let mut out = Vec::with_capacity(events.len());
         for ((event, source), step) in events.iter().zip(&sources).zip(steps) {
@@ -467,16 +478,14 @@ impl Applier {
         view: &LedgerView,
         settlement: &mut Settlement,
     ) -> Result<Record> {
-        if event.is_delete() {
-            return Err(Error::InvalidEvent {
-                event_id: Some(event.event_id.clone()),
-                reason: "delete events are not applied: RecordStore has no delete; handle them out of band".into(),
-            });
-        }
         let mut record = self.mapping.apply(event)?;
         let source = event.source_record();
         if let Some(target) = self.resolve(&source, record.table(), view, settlement) {
             record.reference = target;
+        }
+        if event.is_delete() {
+            // The mapped address alone: `Mapping::apply` gives a delete no fields.
+            return Ok(record);
         }
         for target in record.lookups.values_mut() {
             // The event addresses lookup targets with source keys: find the one this lookup came from.
@@ -604,6 +613,18 @@ impl Applier {
                 tracing::debug!(event = %event.event_id, change = ?outcome.change, "applied");
                 (Counter::Applied, Disposition::Applied(outcome))
             }
+            Step::Done(Ok(Written::Deleted(outcome)), _) => {
+                // A tombstone: an older update arriving late is stale and never brings the record back.
+                settlement.events.push(SettledEvent {
+                    applied: Some(AppliedVersion {
+                        version: event.source_version,
+                        deleted: true,
+                    }),
+                    ..mark(None)
+                });
+                tracing::debug!(event = %event.event_id, deleted = outcome.is_deleted(), "delete applied");
+                (Counter::Applied, Disposition::Deleted(outcome))
+            }
             Step::Done(Ok(Written::TargetAhead(applied)), _) => {
                 // The target is ahead of the ledger (a write whose settlement was lost): catch the ledger up.
                 settlement.events.push(mark(Some(applied)));
@@ -631,6 +652,57 @@ impl Applier {
         }
         settlement.stats.count(counter, 1);
         Ok(disposition)
+    }
+
+    /// Deletes the target record of a delete event, conditional on the version read when the target is checked
+    /// (skipped when the target already holds this source version or a newer one). Deletes are idempotent, so
+    /// transient failures are retried; while the circuit is open the delete waits. Returns the attempts made.
+    async fn delete(&self, record: &Record) -> (Result<Written>, u32) {
+        let mut attempts = 0u32;
+        loop {
+            let result = self
+                .retry
+                .run_if(
+                    |e| !matches!(e, Error::CircuitOpen { .. }),
+                    || {
+                        attempts += 1;
+                        self.breaker.call(|| self.delete_once(record))
+                    },
+                )
+                .await;
+            match result {
+                Err(Error::CircuitOpen { retry_after, .. }) => {
+                    tokio::time::sleep(retry_after.max(Duration::from_millis(1))).await;
+                }
+                other => return (other, attempts),
+            }
+        }
+    }
+
+    async fn delete_once(&self, record: &Record) -> Result<Written> {
+        let store = self.writer.store();
+        let mut delete = Delete::new(record.reference.clone());
+        if self.check_target
+            && let Some(current) = store.read(&record.reference).await?
+        {
+            if let Some(target_version) = current.record.source_version
+                && target_version >= record.source_version.unwrap_or(0)
+            {
+                return Ok(Written::TargetAhead(target_version));
+            }
+            delete = Delete::if_version(record.reference.clone(), current.version);
+        }
+        match store.delete(&delete).await {
+            Ok(outcome) => Ok(Written::Deleted(outcome)),
+            // Changed since the read: a newer write won, or the next attempt reads again.
+            Err(e @ Error::VersionMismatch { .. }) => Err(Error::Backend {
+                backend: store.backend().to_owned(),
+                message: format!("{}: changed while being deleted ({e})", record.reference),
+                retryable: true,
+                source: None,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes records in batches until each is written, found behind the target, or failed for good. Transient
