@@ -178,8 +178,16 @@ impl EnsuringWriter {
         );
         async move {
             for write in &mut writes {
+                // The policy decides hydration; the store's state is a cache of that decision. A write that lacks
+                // a field the policy requires leaves a placeholder a placeholder (and never turns a hydrated
+                // record back), so hooks fire exactly when a guard first answers `Proceed::Now`.
                 if write.record.state == HydrationState::Hydrated {
-                    self.policy.prepare_write(&mut write.record);
+                    match self.policy.state(&write.record) {
+                        HydrationState::Hydrated => self.policy.prepare_write(&mut write.record),
+                        HydrationState::Placeholder => {
+                            write.record.state = HydrationState::Placeholder
+                        }
+                    }
                 }
             }
             let (order, targets) = plan(&writes);

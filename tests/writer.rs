@@ -323,3 +323,71 @@ async fn injected_throttling_and_latency() {
     store.faults().restore();
     assert!(store.read(&account("A-9")).await.unwrap().is_some());
 }
+
+/// The defect of issue 9: the policy, not the store, decides when a record is hydrated. A write that lacks a
+/// required field neither fires hooks nor runs deferred work; the write that completes the record does, once.
+#[tokio::test]
+async fn hooks_and_deferred_work_wait_for_the_policy_not_the_store() {
+    let (store, writer) = setup();
+    let account_table = TableName::new("account").unwrap();
+    let hooks = Arc::new(AtomicUsize::new(0));
+    let counter = hooks.clone();
+    writer.hooks().on_hydrated(&account_table, move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    writer.write(contact(account("A-7"))).await.unwrap();
+    let placeholder = store.read(&account("A-7")).await.unwrap().unwrap();
+    assert_eq!(
+        writer
+            .guard(&placeholder.record)
+            .check("send_invoice")
+            .unwrap(),
+        Proceed::Deferred
+    );
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    writer
+        .hooks()
+        .defer(&account_table, placeholder.id, move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+
+    // The sync delivers the account without the field the policy requires: still a placeholder everywhere.
+    let partial = Record::builder(account("A-7"))
+        .field("name", "Fabrikam")
+        .build()
+        .unwrap();
+    writer.write(partial).await.unwrap();
+    let stored = store.read(&account("A-7")).await.unwrap().unwrap();
+    assert_eq!(
+        stored.record.state,
+        HydrationState::Placeholder,
+        "the store agrees with the policy"
+    );
+    assert_eq!(
+        writer.guard(&stored.record).check("send_invoice").unwrap(),
+        Proceed::Deferred
+    );
+    assert_eq!(
+        hooks.load(Ordering::SeqCst),
+        0,
+        "no hook before the guard says Now"
+    );
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "no deferred task before the guard says Now"
+    );
+
+    // The write that completes it: hooks and the deferred task run once, exactly when the guard says Now.
+    writer.write(full_account(account("A-7"))).await.unwrap();
+    let stored = store.read(&account("A-7")).await.unwrap().unwrap();
+    assert_eq!(
+        writer.guard(&stored.record).check("send_invoice").unwrap(),
+        Proceed::Now
+    );
+    assert_eq!(stored.record.state, HydrationState::Hydrated);
+    writer.write(full_account(account("A-7"))).await.unwrap();
+    assert_eq!(hooks.load(Ordering::SeqCst), 1, "hooks once per record");
+    assert_eq!(ran.load(Ordering::SeqCst), 1, "the deferred task once");
+}
