@@ -87,6 +87,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A deferred task cannot run: its handler is not registered, its payload no longer reads, or its record is
+    /// gone. Permanent: the task is marked failed with this reason.
+    #[error("deferred task '{task}': {reason}")]
+    InvalidTask {
+        /// The task's id (its idempotency key).
+        task: String,
+        /// What is wrong, naming the handler.
+        reason: String,
+    },
+
     /// The store has no such table.
     #[error("unknown table '{table}'")]
     UnknownTable {

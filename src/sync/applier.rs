@@ -4,7 +4,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tracing::Instrument;
 use uuid::Uuid;
@@ -21,7 +21,7 @@ use crate::store::{Change, Delete, DeleteOutcome, Precondition, RecordStore, Wri
 use crate::sync::{
     AppliedVersion, ChangeEvent, Checkpoint, Counter, DeadLetter, IdMapping, Ledger, LedgerQuery,
     LedgerView, Mapping, OwnWrite, SettledEvent, Settlement, SourceRecord, SyncCounters, SyncStats,
-    TaskChange,
+    TaskChange, now_ms,
 };
 use crate::writer::EnsuringWriter;
 
@@ -881,10 +881,4 @@ fn behind_pair(applied: u64, version: u64) -> (Counter, Disposition) {
         true => (Counter::Duplicate, Disposition::Duplicate),
         false => (Counter::Stale, Disposition::Stale { applied }),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -49,6 +49,7 @@ mod mapping;
 mod source;
 mod stats;
 mod tasks;
+mod worker;
 
 #[cfg(feature = "conformance")]
 pub mod ledger_conformance;
@@ -64,4 +65,15 @@ pub use ledger::{
 pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};
 pub use source::{ChangeBatch, ChangeSource, Pipeline, QueueSource};
 pub use stats::{Counter, SyncCounters, SyncStats};
-pub use tasks::{DeferredTask, TaskChange, TaskStatus};
+pub use tasks::{
+    DeferredTask, TaskChange, TaskContext, TaskHandler, TaskHandlers, TaskQueue, TaskReport,
+    TaskRunner, TaskSettings, TaskStatus,
+};
+pub use worker::{Stopped, SyncWorker, SyncWorkerBuilder, Turn, WorkerSettings, WorkerStats};
+
+/// The wall clock in Unix milliseconds, as the ledger stamps settlements (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
