@@ -63,7 +63,7 @@ pub use ledger::{
     LedgerView, MemoryLedger, OwnWrite, Pruned, Retention, SettledEvent, Settlement, SourceRecord,
 };
 pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};
-pub use source::{ChangeBatch, ChangeSource, Pipeline, QueueSource};
+pub use source::{ChangeBatch, ChangeSource, JsonLinesSource, Pipeline, QueueSource};
 pub use stats::{Counter, SyncCounters, SyncStats};
 pub use tasks::{
     DeferredTask, TaskChange, TaskContext, TaskHandler, TaskHandlers, TaskQueue, TaskReport,
