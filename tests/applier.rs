@@ -619,3 +619,128 @@ async fn a_placeholder_made_by_key_and_hydrated_by_guid_takes_every_later_update
         "no second account"
     );
 }
+
+/// A ledger whose settlements of events fail while `failing` is set: a worker that dies between its writes and
+/// their settlement.
+#[derive(Debug)]
+struct LosesSettlements {
+    inner: Arc<MemoryLedger>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl eventual_upsert::sync::Ledger for LosesSettlements {
+    async fn lookup(
+        &self,
+        query: &eventual_upsert::sync::LedgerQuery,
+    ) -> eventual_upsert::Result<eventual_upsert::sync::LedgerView> {
+        self.inner.lookup(query).await
+    }
+    async fn settle(
+        &self,
+        settlement: &eventual_upsert::sync::Settlement,
+    ) -> eventual_upsert::Result<()> {
+        if self.failing.load(Ordering::SeqCst) && !settlement.events.is_empty() {
+            return Err(eventual_upsert::Error::Backend {
+                backend: "ledger".into(),
+                message: "the worker died".into(),
+                retryable: false,
+                source: None,
+            });
+        }
+        self.inner.settle(settlement).await
+    }
+    async fn checkpoint(&self, source: &str) -> eventual_upsert::Result<Option<String>> {
+        self.inner.checkpoint(source).await
+    }
+    async fn dead_letters(
+        &self,
+        limit: usize,
+    ) -> eventual_upsert::Result<Vec<eventual_upsert::sync::DeadLetter>> {
+        self.inner.dead_letters(limit).await
+    }
+    async fn dead_letter_count(&self) -> eventual_upsert::Result<usize> {
+        self.inner.dead_letter_count().await
+    }
+    async fn claim_tasks(
+        &self,
+        now_ms: u64,
+        lease: Duration,
+        limit: usize,
+    ) -> eventual_upsert::Result<Vec<eventual_upsert::sync::DeferredTask>> {
+        self.inner.claim_tasks(now_ms, lease, limit).await
+    }
+    async fn tasks(
+        &self,
+        limit: usize,
+    ) -> eventual_upsert::Result<Vec<eventual_upsert::sync::DeferredTask>> {
+        self.inner.tasks(limit).await
+    }
+    async fn totals(&self) -> eventual_upsert::Result<eventual_upsert::sync::SyncStats> {
+        self.inner.totals().await
+    }
+    async fn prune(
+        &self,
+        retention: &eventual_upsert::sync::Retention,
+        now_ms: u64,
+    ) -> eventual_upsert::Result<eventual_upsert::sync::Pruned> {
+        self.inner.prune(retention, now_ms).await
+    }
+}
+
+/// The same defect through a crash: the write that hydrates the key-placeholder happens, its settlement is lost.
+/// The alias was recorded before the write, so the redelivered event and the next ones land on that record.
+#[tokio::test]
+async fn a_crash_between_hydrating_a_key_placeholder_and_settling_loses_no_identity() {
+    let s = setup(|b| b);
+    let by_key = EntityRef::by_key("account", [("accountnumber", "A-1")]).unwrap();
+    let contact = Record::builder(EntityRef::by_id("contact", Uuid::from_u128(100)).unwrap())
+        .field("fullname", "Ada")
+        .lookup("parentcustomerid", by_key.clone())
+        .build()
+        .unwrap();
+    s.applier.writer().write(contact).await.unwrap();
+    let placeholder = s.store.read(&by_key).await.unwrap().unwrap();
+    let ledger = Arc::new(LosesSettlements {
+        inner: s.ledger.clone(),
+        failing: std::sync::atomic::AtomicBool::new(true),
+    });
+    let applier = Applier::builder(s.applier.writer().clone(), ledger.clone())
+        .build(None)
+        .unwrap();
+    assert!(
+        applier
+            .apply(account_event(1, 1, "Fabrikam"))
+            .await
+            .is_err()
+    );
+    let hydrated = s.store.read(&by_key).await.unwrap().unwrap();
+    assert_eq!(
+        hydrated.record.state,
+        HydrationState::Hydrated,
+        "the write happened"
+    );
+    ledger.failing.store(false, Ordering::SeqCst);
+    // The restarted worker gets the same event again, then the next version.
+    let again = applier
+        .apply(account_event(1, 1, "Fabrikam"))
+        .await
+        .unwrap();
+    assert!(matches!(again, Disposition::Duplicate), "{again:?}");
+    let next = applier
+        .apply(account_event(1, 2, "Fabrikam Ltd"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&next, Disposition::Applied(o) if o.id == placeholder.id),
+        "{next:?}"
+    );
+    assert_eq!(s.ledger.dead_letter_count().await.unwrap(), 0);
+    assert_eq!(
+        s.store
+            .records(&TableName::new("account").unwrap())
+            .unwrap()
+            .len(),
+        1
+    );
+}

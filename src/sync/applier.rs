@@ -363,7 +363,10 @@ impl Applier {
         let (deletes, upserts): (Vec<_>, Vec<_>) = prepared
             .into_iter()
             .partition(|(i, _)| events[*i].is_delete());
-        for (i, written, attempts) in self.write_rounds(upserts, &mut settlement.stats).await {
+        for (i, written, attempts) in self
+            .write_rounds(upserts, &sources, &mut settlement.stats)
+            .await
+        {
             steps[i] = Step::Done(written, attempts);
         }
         for (i, record) in deletes {
@@ -711,6 +714,7 @@ impl Applier {
     async fn write_rounds(
         &self,
         mut pending: Vec<(usize, Record)>,
+        sources: &[SourceRecord],
         stats: &mut SyncStats,
     ) -> Vec<(usize, Result<Written>, u32)> {
         let waits = self.retry.backoff_waits();
@@ -796,10 +800,33 @@ impl Applier {
                         match result {
                             Ok(outcome) => done.push((i, Ok(Written::Applied(outcome)), attempt)),
                             // Changed between the check and the write: check again.
-                            Err(Error::VersionMismatch { .. } | Error::NotFound { .. })
+                            Err(
+                                Error::VersionMismatch { .. }
+                                | Error::NotFound { .. }
+                                | Error::AlreadyExists { .. },
+                            ) if self.check_target && attempt < max_attempts => {
+                                pending.push((i, record))
+                            }
+                            Err(Error::DuplicateKey { existing, key, .. })
                                 if self.check_target && attempt < max_attempts =>
                             {
-                                pending.push((i, record))
+                                let mut record = record;
+                                match self.adopt(&sources[i], &mut record, existing).await {
+                                    Ok(true) => pending.push((i, record)),
+                                    Ok(false) => done.push((
+                                        i,
+                                        Err(Error::DuplicateKey {
+                                            table: record.table().clone(),
+                                            key,
+                                            existing,
+                                        }),
+                                        attempt,
+                                    )),
+                                    Err(e) => {
+                                        wait = wait.max(e.retry_after().unwrap_or_default());
+                                        pending.push((i, record));
+                                    }
+                                }
                             }
                             Err(e) if e.is_retryable() && attempt < max_attempts => {
                                 wait = wait.max(e.retry_after().unwrap_or_default());
@@ -826,19 +853,57 @@ impl Applier {
         done
     }
 
+    /// A create that clashed with the alternate key of record `holder`: if the holder is a placeholder (the LOB
+    /// app referenced this record by its key before the sync delivered it), the source record is that record.
+    /// The alias goes into the ledger *before* the write that hydrates the placeholder, so a crash in between
+    /// cannot leave the hydrated record unknown to the next attempt (which would then see a clash with a real
+    /// record, and dead-letter the event). Returns whether `record` now addresses the placeholder.
+    async fn adopt(
+        &self,
+        source: &SourceRecord,
+        record: &mut Record,
+        holder: Uuid,
+    ) -> Result<bool> {
+        let holder = EntityRef {
+            table: record.table().clone(),
+            key: Key::Id(holder),
+        };
+        let Some(existing) = self.writer.store().read(&holder).await? else {
+            return Ok(true); // gone since: the next round creates the record afresh
+        };
+        if self.writer.policy().state(&existing.record) != HydrationState::Placeholder {
+            return Ok(false);
+        }
+        let mut alias = Settlement::at(now_ms());
+        alias.id_map.push(IdMapping {
+            source: source.clone(),
+            target: holder.clone(),
+        });
+        self.ledger_call(|| self.ledger.settle(&alias)).await?;
+        tracing::info!(record = %record.reference, placeholder = %holder, "hydrating the placeholder that holds this alternate key");
+        record.reference = holder;
+        Ok(true)
+    }
+
     /// The write for a record, conditional on the target's version when the target is checked; `Err` with the
     /// target's source version when the target is already at this version or newer.
     async fn target_check(&self, record: &Record) -> Result<std::result::Result<Write, Written>> {
         let mut write = Write::upsert(record.clone());
-        if self.check_target
-            && let Some(current) = self.writer.store().read(&write.record.reference).await?
-        {
-            if let Some(target_version) = current.record.source_version
-                && target_version >= record.source_version.unwrap_or(0)
-            {
-                return Ok(Err(Written::TargetAhead(target_version)));
+        if !self.check_target {
+            return Ok(Ok(write));
+        }
+        match self.writer.store().read(&write.record.reference).await? {
+            Some(current) => {
+                if let Some(target_version) = current.record.source_version
+                    && target_version >= record.source_version.unwrap_or(0)
+                {
+                    return Ok(Err(Written::TargetAhead(target_version)));
+                }
+                write.precondition = Precondition::MatchVersion(current.version);
             }
-            write.precondition = Precondition::MatchVersion(current.version);
+            // Absent: create it, and nothing else. A clash with a placeholder's alternate key comes back as
+            // `DuplicateKey`, which `adopt` resolves durably (the writer's own redirect would not record why).
+            None => write.precondition = Precondition::CreateOnly,
         }
         Ok(Ok(write))
     }
