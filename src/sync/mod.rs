@@ -65,3 +65,8 @@ pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};
 pub use source::{ChangeBatch, ChangeSource, Pipeline, QueueSource};
 pub use stats::{Counter, SyncCounters, SyncStats};
 pub use tasks::{DeferredTask, TaskChange, TaskStatus};
+
+#[cfg(feature = "postgres")]
+pub use ledger::{PostgresLedger, PostgresLedgerBuilder};
+#[cfg(feature = "sqlite")]
+pub use ledger::SqliteLedger;
