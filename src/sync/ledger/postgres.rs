@@ -115,6 +115,7 @@ pub struct PostgresLedgerBuilder {
     target: Target,
     schema: String,
     max_connections: u32,
+    acquire_timeout: Duration,
 }
 
 impl fmt::Debug for PostgresLedgerBuilder {
@@ -145,6 +146,7 @@ impl PostgresLedger {
             target: Target::Url(options),
             schema: DEFAULT_SCHEMA.to_owned(),
             max_connections: 8,
+            acquire_timeout: Duration::from_secs(30),
         }
     }
 
@@ -154,6 +156,7 @@ impl PostgresLedger {
             target: Target::Pool(pool),
             schema: DEFAULT_SCHEMA.to_owned(),
             max_connections: 8,
+            acquire_timeout: Duration::from_secs(30),
         }
     }
 
@@ -195,6 +198,14 @@ impl PostgresLedgerBuilder {
         self
     }
 
+    /// How long a call waits for a connection (default 30 s; ignored with [`PostgresLedger::from_pool`]). While
+    /// the server refuses connections (starting up), connecting is retried within this time; then the call fails
+    /// with a retryable error.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
     /// Connects, checks the schema and brings it up to date.
     ///
     /// # Errors
@@ -210,7 +221,7 @@ impl PostgresLedgerBuilder {
                 let backend = label(&options, &self.schema);
                 PgPoolOptions::new()
                     .max_connections(self.max_connections)
-                    .acquire_timeout(Duration::from_secs(30))
+                    .acquire_timeout(self.acquire_timeout)
                     .connect_with(options)
                     .await
                     .map_err(|err| map_sqlx(&backend, "connecting", err, classify))?
@@ -445,6 +456,7 @@ fn classify(db: &dyn sqlx::error::DatabaseError) -> Classified {
         "53300" => (true, Some("too many connections")),
         "53200" => (true, Some("the server is out of memory")),
         "53100" => (false, Some("disk full")),
+        "28P01" | "28000" => (false, Some("authentication failed")),
         "42P01" => (
             false,
             Some("a ledger table is missing (was the schema dropped?)"),
