@@ -48,8 +48,8 @@ use sqlx::{AssertSqlSafe, Row};
 
 use crate::error::{Error, Result};
 use crate::sync::ledger::sql::{
-    Address, Classified, RowDecoder, Rows, StoredLetter, StoredTask, TaskStep, clamp_i64, map_sqlx,
-    relabel, to_i64, totals_from,
+    Address, Classified, RecordKey, RowDecoder, Rows, StoredLetter, StoredTask, TaskStep,
+    clamp_i64, map_sqlx, relabel, to_i64, totals_from,
 };
 use crate::sync::ledger::{
     AppliedVersion, DeadLetter, Ledger, LedgerQuery, LedgerView, Pruned, Retention, Settlement,
@@ -930,7 +930,7 @@ impl Ledger for PostgresLedger {
                     backend: &self.backend,
                     operation: op,
                     table: "applied_versions",
-                    key: &format!("{}/{}", record.source, record.reference),
+                    key: RecordKey(record),
                 };
                 view.applied.insert(
                     record.clone(),
@@ -956,7 +956,7 @@ impl Ledger for PostgresLedger {
                     backend: &self.backend,
                     operation: op,
                     table: "id_map",
-                    key: &format!("{}/{}", source.source, source.reference),
+                    key: RecordKey(source),
                 };
                 let target = decoder.reference(("target_table", "target_key"), &table, &key)?;
                 view.targets.insert(source.clone(), target);

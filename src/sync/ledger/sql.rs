@@ -399,21 +399,30 @@ pub(crate) fn bad_row(
     }
 }
 
-/// Decodes stored columns, naming the table and row in every error.
-pub(crate) struct RowDecoder<'a> {
+/// Decodes stored columns, naming the table and row in every error (the row's key is only formatted then).
+pub(crate) struct RowDecoder<'a, K: Display> {
     pub backend: &'a str,
     pub operation: &'a str,
     pub table: &'a str,
-    pub key: &'a str,
+    pub key: K,
 }
 
-impl RowDecoder<'_> {
+/// A source record as a row key in messages: `source/table(key)`.
+pub(crate) struct RecordKey<'a>(pub &'a SourceRecord);
+
+impl Display for RecordKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0.source, self.0.reference)
+    }
+}
+
+impl<K: Display> RowDecoder<'_, K> {
     fn bad(&self, column: &str, problem: impl Display) -> Error {
         bad_row(
             self.backend,
             self.operation,
             self.table,
-            self.key,
+            &self.key.to_string(),
             column,
             problem,
         )
@@ -478,7 +487,7 @@ impl StoredTask {
             backend,
             operation,
             table: "tasks",
-            key: &self.id,
+            key: self.id.as_str(),
         };
         Ok(DeferredTask {
             record: d.reference(
@@ -517,7 +526,7 @@ impl StoredLetter {
             backend,
             operation,
             table: "dead_letters",
-            key: &self.event_id,
+            key: self.event_id.as_str(),
         };
         Ok(DeadLetter {
             event: d.event("event", &self.event)?,

@@ -45,8 +45,8 @@ use sqlx::{ConnectOptions, Connection, Row};
 use crate::error::{Error, Result};
 use crate::key::EntityRef;
 use crate::sync::ledger::sql::{
-    Classified, RowDecoder, Rows, StoredLetter, StoredTask, TaskStep, clamp_i64, map_sqlx, relabel,
-    to_i64, totals_from,
+    Classified, RecordKey, RowDecoder, Rows, StoredLetter, StoredTask, TaskStep, clamp_i64,
+    map_sqlx, relabel, to_i64, totals_from,
 };
 use crate::sync::ledger::{
     DeadLetter, Ledger, LedgerQuery, LedgerView, Pruned, Retention, Settlement, sql,
@@ -711,7 +711,7 @@ impl Ledger for SqliteLedger {
                     backend: &self.backend,
                     operation: op,
                     table: "applied_versions",
-                    key: &record.reference.to_string(),
+                    key: RecordKey(record),
                 };
                 view.applied.insert(
                     record.clone(),
@@ -734,7 +734,7 @@ impl Ledger for SqliteLedger {
                     backend: &self.backend,
                     operation: op,
                     table: "id_map",
-                    key: &format!("{}/{}", source.source, source.reference),
+                    key: RecordKey(source),
                 };
                 let target: EntityRef =
                     decoder.reference(("target_table", "target_key"), &table, &key)?;
