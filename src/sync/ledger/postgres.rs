@@ -218,13 +218,11 @@ impl PostgresLedgerBuilder {
         let pool = match self.target {
             Target::Url(options) => {
                 let options = options?;
-                let backend = label(&options, &self.schema);
+                // Lazy: the first connection is the migration's, and its errors are reported there.
                 PgPoolOptions::new()
                     .max_connections(self.max_connections)
                     .acquire_timeout(self.acquire_timeout)
-                    .connect_with(options)
-                    .await
-                    .map_err(|err| map_sqlx(&backend, "connecting", err, classify))?
+                    .connect_lazy_with(options)
             }
             Target::Pool(pool) => pool,
         };
@@ -392,7 +390,15 @@ async fn migrate(pool: &PgPool, schema: &str, backend: &str) -> Result<()> {
         .await
         .map_err(|err| db("locking the schema", err))?;
     let found = inspect(&mut conn, schema, backend).await?;
-    if found == Found::Empty {
+    // Created only when missing: `CREATE SCHEMA IF NOT EXISTS` wants the right to create schemas even when the
+    // schema is there (made by an administrator for a user without that right).
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|err| db("checking the schema", err))?;
+    if !exists {
         sqlx::query(AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
         )))
@@ -901,9 +907,9 @@ impl Ledger for PostgresLedger {
         let records = triples(&q.records).map_err(|e| self.label(e))?;
         let targets = triples(&q.targets).map_err(|e| self.label(e))?;
         // One snapshot for every part of the answer.
-        let mut tx = self.pool.begin().await.map_err(|e| self.db(op, e))?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(|e| self.db(op, e))?;
         if !q.event_ids.is_empty() {

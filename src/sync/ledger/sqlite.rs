@@ -985,6 +985,14 @@ mod tests {
         SourceRecord::new("us", reference)
     }
 
+    fn assert_send<T: Send>(_: T) {}
+
+    #[test]
+    fn opening_can_be_spawned() {
+        assert_send(SqliteLedger::open("never-opened.db"));
+        assert_send(SqliteLedger::in_memory());
+    }
+
     #[tokio::test]
     async fn a_full_disk_is_a_permanent_error_that_says_so() {
         let ledger = SqliteLedger::in_memory().await.unwrap();
