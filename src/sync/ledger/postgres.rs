@@ -1,38 +1,5 @@
-//! [`PostgresLedger`]: the [`Ledger`] in PostgreSQL (feature `postgres`), shared by several workers.
-//!
-//! # What it stores
-//!
-//! The same tables as the SQLite ledger, in a schema of its own (`eventual_upsert` unless
-//! [`with_schema`](PostgresLedgerBuilder::with_schema) names another, so it never mixes with an application's
-//! tables or migration history): settled event ids, applied versions per source record (tombstones included),
-//! the id map, own-write stamps, checkpoints, dead letters, deferred tasks and running totals (one row per
-//! counter). A record is stored as its table name and the canonical JSON of its key; JSON payloads are stored as
-//! text, exactly as written.
-//!
-//! # Sharing it among workers
-//!
-//! Any number of processes may settle into one ledger at once, each through its own pool:
-//!
-//! * a settlement is one transaction of a handful of statements, whatever its size (rows go in as arrays with
-//!   `unnest`), so it is all-or-nothing;
-//! * applied versions only go up: `INSERT ... ON CONFLICT ... DO UPDATE ... WHERE version < EXCLUDED.version`
-//!   decides under the row lock, so the highest version wins whichever worker commits last;
-//! * dead letters merge, task attempts count and totals add up in SQL (`value = value + n`), never as a
-//!   read-then-write in the worker;
-//! * [`claim_tasks`](Ledger::claim_tasks) takes due tasks with `FOR UPDATE SKIP LOCKED`, so two workers never
-//!   claim one task;
-//! * rows are written in one sorted order, so concurrent settlements wait for each other rather than deadlock.
-//!
-//! Failures that another try may cure (a lost connection, a pool timeout, a serialization failure, a deadlock, an
-//! administrator shutdown) are retryable errors; a failed settlement changed nothing.
-//!
-//! # Schema versions
-//!
-//! Opening runs the embedded migrations (`migrations/postgres`) under an advisory lock, so workers starting
-//! together do not race. A schema written by a newer build is refused with [`Error::LedgerSchemaTooNew`], and a
-//! schema holding something else with [`Error::NotALedger`]; both leave it untouched.
-//!
-//! The connection URL's password never appears in errors or in `Debug` output.
+//! [`PostgresLedger`]: the [`Ledger`] in PostgreSQL (feature `postgres`), shared by several workers. Its docs say
+//! what it stores, how workers share it and when it refuses a schema.
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
@@ -62,9 +29,6 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 /// What `ledger_info.application` says in a ledger.
 const APPLICATION: &str = "eventual-upsert ledger";
 
-/// The schema a ledger lives in unless told otherwise.
-pub const DEFAULT_SCHEMA: &str = "eventual_upsert";
-
 /// The first key of the advisory lock held while a schema is checked and migrated (the second is the schema's
 /// hash): "EU" + "LG".
 const LOCK_CLASS: i32 = 0x4555_4c47;
@@ -73,7 +37,41 @@ fn latest_known() -> i64 {
     MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
-/// The [`Ledger`] in PostgreSQL. See the [module docs](self) for what it stores and how workers share it.
+/// The [`Ledger`] in PostgreSQL (feature `postgres`), shared by several workers.
+///
+/// # What it stores
+///
+/// The same tables as the SQLite ledger, in a schema of its own (`eventual_upsert` unless
+/// [`with_schema`](PostgresLedgerBuilder::with_schema) names another, so it never mixes with an application's
+/// tables or migration history): settled event ids, applied versions per source record (tombstones included),
+/// the id map, own-write stamps, checkpoints, dead letters, deferred tasks and running totals (one row per
+/// counter). A record is stored as its table name and the canonical JSON of its key; JSON payloads are stored as
+/// text, exactly as written.
+///
+/// # Sharing it among workers
+///
+/// Any number of processes may settle into one ledger at once, each through its own pool:
+///
+/// * a settlement is one transaction of a handful of statements, whatever its size (rows go in as arrays with
+///   `unnest`), so it is all-or-nothing;
+/// * applied versions only go up: `INSERT ... ON CONFLICT ... DO UPDATE ... WHERE version < EXCLUDED.version`
+///   decides under the row lock, so the highest version wins whichever worker commits last;
+/// * dead letters merge, task attempts count and totals add up in SQL (`value = value + n`), never as a
+///   read-then-write in the worker;
+/// * [`claim_tasks`](Ledger::claim_tasks) takes due tasks with `FOR UPDATE SKIP LOCKED`, so two workers never
+///   claim one task;
+/// * rows are written in one sorted order, so concurrent settlements wait for each other rather than deadlock.
+///
+/// Failures that another try may cure (a lost connection, a pool timeout, a serialization failure, a deadlock, an
+/// administrator shutdown) are retryable errors; a failed settlement changed nothing.
+///
+/// # Schema versions
+///
+/// Opening runs the embedded migrations (`migrations/postgres`) under an advisory lock, so workers starting
+/// together do not race. A schema written by a newer build is refused with [`Error::LedgerSchemaTooNew`], and a
+/// schema holding something else with [`Error::NotALedger`]; both leave it untouched.
+///
+/// The connection URL's password never appears in errors or in `Debug` output.
 ///
 /// ```no_run
 /// # async fn demo() -> eventual_upsert::Result<()> {
@@ -105,7 +103,7 @@ impl fmt::Debug for PostgresLedger {
 
 /// How to reach the database.
 enum Target {
-    Url(std::result::Result<PgConnectOptions, Error>),
+    Url(std::result::Result<Box<PgConnectOptions>, Error>),
     Pool(PgPool),
 }
 
@@ -133,18 +131,23 @@ impl fmt::Debug for PostgresLedgerBuilder {
 }
 
 impl PostgresLedger {
+    /// The schema a ledger lives in unless [`with_schema`](PostgresLedgerBuilder::with_schema) names another.
+    pub const DEFAULT_SCHEMA: &str = "eventual_upsert";
+
     /// A ledger in the database at `url` (`postgres://user:password@host:port/database?sslmode=require`), in
     /// its own pool. Nothing happens until the builder is awaited.
     pub fn connect(url: &str) -> PostgresLedgerBuilder {
-        let options = PgConnectOptions::from_str(url).map_err(|err| Error::InvalidConfig {
-            reason: format!(
-                "the ledger's PostgreSQL URL does not parse: {}",
-                redact(&err.to_string(), url)
-            ),
-        });
+        let options = PgConnectOptions::from_str(url)
+            .map(Box::new)
+            .map_err(|err| Error::InvalidConfig {
+                reason: format!(
+                    "the ledger's PostgreSQL URL does not parse: {}",
+                    redact(&err.to_string(), url)
+                ),
+            });
         PostgresLedgerBuilder {
             target: Target::Url(options),
-            schema: DEFAULT_SCHEMA.to_owned(),
+            schema: Self::DEFAULT_SCHEMA.to_owned(),
             max_connections: 8,
             acquire_timeout: Duration::from_secs(30),
         }
@@ -154,7 +157,7 @@ impl PostgresLedger {
     pub fn from_pool(pool: PgPool) -> PostgresLedgerBuilder {
         PostgresLedgerBuilder {
             target: Target::Pool(pool),
-            schema: DEFAULT_SCHEMA.to_owned(),
+            schema: Self::DEFAULT_SCHEMA.to_owned(),
             max_connections: 8,
             acquire_timeout: Duration::from_secs(30),
         }
@@ -222,7 +225,7 @@ impl PostgresLedgerBuilder {
                 PgPoolOptions::new()
                     .max_connections(self.max_connections)
                     .acquire_timeout(self.acquire_timeout)
-                    .connect_lazy_with(options)
+                    .connect_lazy_with(*options)
             }
             Target::Pool(pool) => pool,
         };

@@ -1,33 +1,5 @@
-//! [`SqliteLedger`]: the [`Ledger`] in one embedded SQLite file (feature `sqlite`): the durable ledger for a
-//! single worker, with nothing to run beside it.
-//!
-//! # What it stores
-//!
-//! One table per kind of state: settled event ids (`processed`, with when they settled), the applied version
-//! per source record (`applied_versions`, tombstones included), the id map (`id_map`), own-write stamps
-//! (`own_writes`), checkpoints per source, dead letters (one row per event id: the event as JSON, the error, the
-//! attempts and both failure times), deferred tasks (`tasks`: handler, record, JSON payload, status, attempts,
-//! due time) and the running totals (`totals`, one row per counter). A record is stored as its table name and the
-//! canonical JSON of its key. A `ledger_info` table marks the file as a ledger.
-//!
-//! # Durability and concurrency
-//!
-//! The file is opened in WAL mode with `synchronous=FULL`: readers never block the writer nor each other, and a
-//! settlement that returned is on disk even if the machine loses power the next moment (WAL with `NORMAL` could
-//! roll back the last commits then, and a lost settlement re-applies a batch and, worse, loses its checkpoint).
-//! Every write transaction starts with `BEGIN IMMEDIATE`, taking the write lock up front: a deferred transaction
-//! that reads and then writes can fail with `SQLITE_BUSY` at once when another connection committed in between,
-//! while an immediate one waits (the busy timeout is 5 s). Writes from this process go through one connection;
-//! reads use a small pool of read-only connections. Other processes may open the same file, but SQLite has one
-//! writer at a time: for several workers, use the `PostgresLedger` (feature `postgres`).
-//!
-//! # Schema versions
-//!
-//! Opening runs the embedded migrations (`migrations/sqlite`) in the same immediate transaction that checks the
-//! file, so two processes opening a new file at once do not race. A file written by a newer build (a schema
-//! version this build does not know) is refused with [`Error::LedgerSchemaTooNew`], and a file that is not a
-//! ledger (not SQLite at all, or another application's database) with [`Error::NotALedger`]: in both cases
-//! nothing in the file is changed.
+//! [`SqliteLedger`]: the [`Ledger`] in one embedded SQLite file (feature `sqlite`). Its docs say what it stores,
+//! how it uses SQLite and when it refuses a file.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -65,7 +37,36 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read-only connections for lookups and listings.
 const READERS: u32 = 4;
 
-/// The [`Ledger`] in a SQLite file. See the [module docs](self) for what it stores and how.
+/// The [`Ledger`] in one embedded SQLite file (feature `sqlite`): the durable ledger for a single worker, with
+/// nothing to run beside it.
+///
+/// # What it stores
+///
+/// One table per kind of state: settled event ids (`processed`, with when they settled), the applied version
+/// per source record (`applied_versions`, tombstones included), the id map (`id_map`), own-write stamps
+/// (`own_writes`), checkpoints per source, dead letters (one row per event id: the event as JSON, the error, the
+/// attempts and both failure times), deferred tasks (`tasks`: handler, record, JSON payload, status, attempts,
+/// due time) and the running totals (`totals`, one row per counter). A record is stored as its table name and the
+/// canonical JSON of its key. A `ledger_info` table marks the file as a ledger.
+///
+/// # Durability and concurrency
+///
+/// The file is opened in WAL mode with `synchronous=FULL`: readers never block the writer nor each other, and a
+/// settlement that returned is on disk even if the machine loses power the next moment (WAL with `NORMAL` could
+/// roll back the last commits then, and the events they settled would be applied again).
+/// Every write transaction starts with `BEGIN IMMEDIATE`, taking the write lock up front: a deferred transaction
+/// that reads and then writes can fail with `SQLITE_BUSY` at once when another connection committed in between,
+/// while an immediate one waits (the busy timeout is 5 s). Writes from this process go through one connection;
+/// reads use a small pool of read-only connections. Other processes may open the same file, but SQLite has one
+/// writer at a time: for several workers, use the `PostgresLedger` (feature `postgres`).
+///
+/// # Schema versions
+///
+/// Opening runs the embedded migrations (`migrations/sqlite`) in the same immediate transaction that checks the
+/// file, so two processes opening a new file at once do not race. A file written by a newer build (a schema
+/// version this build does not know) is refused with [`Error::LedgerSchemaTooNew`], and a file that is not a
+/// ledger (not SQLite at all, or another application's database) with [`Error::NotALedger`]: in both cases
+/// nothing in the file is changed.
 ///
 /// ```no_run
 /// # async fn demo() -> eventual_upsert::Result<()> {
