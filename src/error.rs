@@ -283,6 +283,31 @@ pub enum Error {
         operation: String,
     },
 
+    /// A durable ledger was written by a newer build of this crate: its schema version is higher than any this
+    /// build knows. Nothing in it was changed; run a build at least as new as the one that wrote it.
+    #[error(
+        "{ledger}: schema version {found} is newer than this build supports (up to {supported}); nothing was \
+         changed: run a newer build"
+    )]
+    LedgerSchemaTooNew {
+        /// The ledger, such as `ledger sqlite:/var/lib/sync/ledger.db`.
+        ledger: String,
+        /// The schema version found in it.
+        found: i64,
+        /// The highest schema version this build knows.
+        supported: i64,
+    },
+
+    /// What a durable ledger was given to open is not a ledger: not a database at all, or another application's.
+    /// Nothing in it was changed.
+    #[error("{ledger} is not an eventual-upsert ledger: {reason}; nothing was changed")]
+    NotALedger {
+        /// The ledger, such as `ledger sqlite:/var/lib/sync/ledger.db`.
+        ledger: String,
+        /// What was found instead.
+        reason: String,
+    },
+
     /// Any other store failure.
     #[error("{backend}: {message}")]
     Backend {

@@ -65,6 +65,10 @@ pub use ledger::{
 pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};
 pub use source::{ChangeBatch, ChangeSource, JsonLinesSource, Pipeline, QueueSource};
 pub use stats::{Counter, SyncCounters, SyncStats};
+#[cfg(feature = "postgres")]
+pub use ledger::{PostgresLedger, PostgresLedgerBuilder};
+#[cfg(feature = "sqlite")]
+pub use ledger::SqliteLedger;
 pub use tasks::{
     DeferredTask, TaskChange, TaskContext, TaskHandler, TaskHandlers, TaskQueue, TaskReport,
     TaskRunner, TaskSettings, TaskStatus,

@@ -6,6 +6,12 @@
 //! single worker) and `PostgresLedger` (feature `postgres`: shared by several workers).
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
@@ -23,6 +29,10 @@ use crate::sync::stats::SyncStats;
 use crate::sync::tasks::{DeferredTask, TaskChange};
 
 pub use memory::{LedgerSnapshot, MemoryLedger};
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresLedger, PostgresLedgerBuilder};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteLedger;
 
 /// A record at a source instance: the source's name and the record's table and key there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
