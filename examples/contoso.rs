@@ -7,18 +7,25 @@
 //! The story is played twice, in one process, with the same seeded data. Run 1: plain writes. Run 2:
 //! ensure-then-write: the LOB app and the sync write through an `EnsuringWriter`, which first makes every
 //! referenced record exist (a *placeholder* holding only its key); the sync's full writes later *hydrate* the
-//! placeholders, and invoices that need a placeholder's phone number are deferred by a guard and sent from a
-//! hydration hook. Each run has four phases: initial load, outage (the sync stops; US keeps changing and the LOB
-//! app keeps writing to EU), sync resumes (while EU throttles its first calls), verify.
+//! placeholders, and invoices that need a placeholder's phone number are deferred by a guard, durably, into the
+//! ledger, and sent by the sync worker once the customer is hydrated. Each run has four phases: initial load,
+//! outage (the sync stops; US keeps changing and the LOB app keeps writing to EU; the worker process restarts),
+//! sync resumes (while EU throttles its first calls; the worker restarts once more after its first batch), verify.
 //!
-//! The sync job is the crate's pipeline applier (`sync::Applier`): US changes become versioned events, applied to
-//! EU idempotently and in order, with retries and a dead-letter queue. Both instances are Dataverse emulators on loopback, written through `DataverseStore` over HTTP (the whole
-//! scenario takes a few seconds); `cargo run --example contoso -- --memory` plays it on in-memory stores instead.
+//! The sync job is the crate's `sync::SyncWorker`: US publishes its changes as versioned events to a change log
+//! (a JSON-lines file), and the worker applies them to EU idempotently and in order, with retries and a dead-letter
+//! queue, keeping its checkpoint, dead letters, id map and deferred invoices in a `SqliteLedger` file. A restart
+//! rebuilds the worker from that file alone, and the verdict checks that the ledger's totals account for every
+//! change exactly once. The ledger lives in a temporary directory; `-- --ledger PATH` keeps run 2's ledger at
+//! `PATH` (and its change log beside it). Both instances are Dataverse emulators on loopback, written through
+//! `DataverseStore` over HTTP (the whole scenario takes a few seconds); `cargo run --example contoso -- --memory`
+//! plays it on in-memory stores instead.
 //!
 //! `cargo run --example contoso` exits with status 1 if run 2 loses a LOB request or does not converge, or if
 //! run 1 loses none (then the scenario did not exercise missing references at all).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
@@ -27,14 +34,15 @@ use eventual_upsert::dataverse::{DataverseConfig, DataverseStore, DataverseTable
 use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::memory::{Fault, MemoryStore};
 use eventual_upsert::schema::{ColumnType, Schema, TableSchema};
-use eventual_upsert::sync::{Applier, ChangeEvent, Disposition, MemoryLedger, SyncStats};
-use eventual_upsert::{
-    EnsuringWriter, EntityRef, Error, Guarded, HydratedRecord, Key, KeyKind, PlaceholderAction,
-    Policies, Proceed, Record, RecordStore, Result, RetryPolicy, StoredRecord, TableName,
-    TablePolicy, Write,
+use eventual_upsert::sync::{
+    Applier, ChangeEvent, JsonLinesSource, Ledger, SqliteLedger, SyncStats, SyncWorker,
+    TaskContext, TaskHandlers, TaskQueue, TaskRunner, TaskStatus, WorkerSettings, WorkerStats,
 };
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use eventual_upsert::{
+    EnsuringWriter, EntityRef, Error, HydratedRecord, Key, KeyKind, PlaceholderAction, Policies,
+    Proceed, Record, RecordStore, Result, RetryPolicy, StoredRecord, TableName, TablePolicy, Write,
+};
+use serde_json::json;
 use uuid::Uuid;
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -96,23 +104,68 @@ fn contoso_policies() -> Result<Policies> {
     Policies::builder().table(ACCOUNT, account).build()
 }
 
+/// Command-line options: `--memory` (in-memory stores instead of emulators over HTTP), `--ledger PATH` (keep the
+/// ensure-then-write run's ledger file there instead of in a temporary directory).
+struct Options {
+    http: bool,
+    ledger: Option<PathBuf>,
+}
+
+fn options() -> BoxResult<Options> {
+    let mut options = Options {
+        http: true,
+        ledger: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--memory" => options.http = false,
+            "--ledger" => {
+                let path = PathBuf::from(args.next().ok_or("--ledger needs a path")?);
+                if path.exists() {
+                    return Err(format!(
+                        "--ledger {}: the file exists; contoso starts from an empty ledger (remove it or pick another path)",
+                        path.display()
+                    )
+                    .into());
+                }
+                options.ledger = Some(path);
+            }
+            other => {
+                return Err(format!(
+                    "unknown argument '{other}' (usage: contoso [--memory] [--ledger PATH])"
+                )
+                .into());
+            }
+        }
+    }
+    Ok(options)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let http = !std::env::args().any(|a| a == "--memory");
+    let options = options()?;
     let data = Dataset::generate(SEED)?;
     let accounts = INITIAL_ACCOUNTS + OUTAGE_ACCOUNTS;
     let (contacts, requests) = (INITIAL_CONTACTS + OUTAGE_CONTACTS, data.lob.len());
-    let over = match http {
+    let over = match options.http {
         true => "Dataverse emulators on loopback, over HTTP",
         false => "in-memory stores",
     };
     println!(
         "Contoso US → EU: {accounts} US accounts, {contacts} US contacts, {requests} LOB requests (seed {SEED:#x}; {over})"
     );
+    let dir = std::env::temp_dir().join(format!("contoso-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
     println!("\nRun 1: plain writes");
-    let (lost, plain_ok) = run(false, &data, http).await?;
+    let (lost, plain_ok) = run(false, &data, options.http, &dir.join("plain")).await?;
     println!("\nRun 2: ensure-then-write");
-    let (_, ensured_ok) = run(true, &data, http).await?;
+    let ledger = options
+        .ledger
+        .clone()
+        .unwrap_or_else(|| dir.join("ensure-then-write.ledger"));
+    let (_, ensured_ok) = run(true, &data, options.http, &ledger).await?;
+    std::fs::remove_dir_all(&dir)?;
     if !(plain_ok && ensured_ok) {
         println!("\nResult: FAILED (see the verdicts above).");
         std::process::exit(1);
@@ -123,14 +176,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Plays the whole story once, on fresh US and EU stores, and prints it. Returns how many LOB requests failed,
-/// and whether the run did what it must: lose LOB requests with plain writes, lose nothing with ensure-then-write.
-async fn run(ensure_then_write: bool, data: &Dataset, http: bool) -> BoxResult<(usize, bool)> {
-    let (queue, inbox) = mpsc::unbounded_channel();
+/// Plays the whole story once, on fresh US and EU stores and a fresh ledger file at `ledger`, and prints it.
+/// Returns how many LOB requests failed, and whether the run did what it must: lose LOB requests with plain
+/// writes, lose nothing with ensure-then-write.
+async fn run(
+    ensure_then_write: bool,
+    data: &Dataset,
+    http: bool,
+    ledger: &Path,
+) -> BoxResult<(usize, bool)> {
     let us_instance = Instance::start("us", http).await?;
     let us = Us {
         store: us_instance.store(),
-        queue,
+        log: ledger.with_extension("changes.jsonl"),
     };
     let eu_instance = Instance::start("eu", http).await?;
     let eu_store = eu_instance.store();
@@ -141,42 +199,37 @@ async fn run(ensure_then_write: bool, data: &Dataset, http: bool) -> BoxResult<(
             EnsuringWriter::new(eu_store.clone()).with_policy(Policies::clone(&policies)),
         ),
     };
-    let mut lob = LobApp::new(&eu, policies.clone())?;
-    // The sync is the crate's applier. With ensure-then-write it shares the LOB app's writer (hooks are
-    // in-process); with plain writes it has a writer of its own.
+    // The LOB service and the sync worker share the ledger file, as two processes would: the LOB app defers
+    // invoices into it, the worker sends them.
+    let lob_ledger = Arc::new(SqliteLedger::open(ledger).await?);
+    let mut lob = LobApp::new(&eu, policies.clone(), TaskQueue::new(lob_ledger.clone()))?;
+    // With ensure-then-write the sync shares the LOB app's writer (so the LOB's `on_hydrated` hook sees the
+    // sync's hydrations); with plain writes it has a writer of its own.
     let sync_writer = match &eu {
         Eu::Ensuring(writer) => writer.clone(),
         Eu::Plain(store) => {
             EnsuringWriter::new(store.clone()).with_policy(Policies::clone(&policies))
         }
     };
-    let applier = Applier::builder(sync_writer, Arc::new(MemoryLedger::new()))
-        .identity("sync-us-eu")
-        .retry(RetryPolicy {
-            initial_backoff: BASE_BACKOFF,
-            max_attempts: MAX_ATTEMPTS,
-            jitter_seed: Some(SEED),
-            ..RetryPolicy::default()
-        })
-        .build(None)?;
-    let worker = SyncWorker {
-        inbox,
-        us: us.store.clone(),
-        applier,
-        reported: SyncStats::default(),
-        errors: Vec::new(),
+    let mut sync = Sync {
+        ledger: ledger.to_path_buf(),
+        log: us.log.clone(),
+        writer: sync_writer,
+        invoiced: lob.invoiced_later.clone(),
+        worker: None,
     };
 
     // 1. Initial load: everything US holds reaches EU.
-    let sync = tokio::spawn(worker.run());
+    sync.start().await?;
     let (initial, outage) = data.us.split_at(INITIAL_ACCOUNTS + INITIAL_CONTACTS);
     us.save(initial).await?;
-    let load = us.flush().await?;
+    let load = sync.drain().await?;
     let synced = load.replicated;
     println!("  1 initial load   {synced} changes replicated to EU");
 
-    // 2. Outage: the sync stops. US keeps changing (the changes queue up) and the LOB app keeps writing to EU.
-    let worker = us.stop(sync).await?;
+    // 2. Outage: the sync stops. US keeps changing (the changes queue up in its change log) and the LOB app keeps
+    //    writing to EU.
+    sync.stop();
     us.save(outage).await?;
     let queued = outage.len();
     println!("  2 outage         sync stopped: {queued} US changes queued, not replicated");
@@ -194,45 +247,71 @@ async fn run(ensure_then_write: bool, data: &Dataset, http: bool) -> BoxResult<(
             "{PAD}placeholders created: {placeholders} accounts ({by_guid} by GUID, {by_number} by account number)"
         );
         println!(
-            "{PAD}invoices: {now} sent now, {deferred} deferred (customer still a placeholder)"
+            "{PAD}invoices: {now} sent now, {deferred} deferred durably in the ledger (customer still a placeholder)"
         );
     }
+    // The worker process restarts while the sync is down (a deploy): everything it needs is in the ledger file.
+    sync.start().await?;
+    let restarted = sync.state().await?;
+    println!(
+        "{PAD}worker restarted from {}: checkpoint at byte {} of {}, {} tasks pending, {} dead letters",
+        ledger
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("the ledger"),
+        restarted.checkpoint,
+        restarted.log_bytes,
+        restarted.pending_tasks,
+        restarted.dead_letters
+    );
 
-    // 3. The sync resumes and drains its queue, while EU throttles its first calls.
+    // 3. The sync resumes and drains its queue, while EU throttles its first calls; the worker is restarted once
+    //    more after its first batch, and carries on from the checkpoint that batch settled.
     eu_instance.throttle_next(THROTTLED_CALLS);
-    let sync = tokio::spawn(worker.run());
-    let resume = us.flush().await?;
-    us.stop(sync).await?;
+    let first = sync.step().await?;
+    sync.stop();
+    sync.start().await?;
+    let rest = sync.drain().await?;
+    let resume = SyncReport {
+        replicated: first.replicated + rest.replicated,
+        retried: first.retried + rest.retried,
+        errors: [first.errors, rest.errors].concat(),
+        invoices_sent: first.invoices_sent + rest.invoices_sent,
+    };
     let replicated = resume.replicated;
     // Over HTTP the store retries throttled requests itself (honouring Retry-After); in memory the applier does.
     let retried = resume.retried + eu_instance.requests_retried();
     let errors = [load.errors, resume.errors].concat();
     let error_count = errors.len();
     println!(
-        "  3 sync resumes   {replicated} changes replicated; {retried} re-sent after throttling; {error_count} permanent errors"
+        "  3 sync resumes   {replicated} changes replicated (worker restarted after its first batch); {retried} re-sent after throttling; {error_count} permanent errors"
     );
     for error in errors.iter().take(2) {
         println!("{PAD}! {error}");
     }
     let (hydrated, sent) = (lob.hydrated.load(Relaxed), lob.invoiced_later.load(Relaxed));
-    let pending = match &eu {
-        Eu::Ensuring(writer) => writer.hooks().pending(),
-        Eu::Plain(_) => 0,
-    };
+    let pending = sync.state().await?.pending_tasks;
     if ensure_then_write {
         println!(
-            "{PAD}{hydrated} placeholders hydrated (on_hydrated hook); {sent} deferred invoices sent, {pending} pending"
+            "{PAD}{hydrated} placeholders hydrated (on_hydrated hook); {sent} deferred invoices sent by the worker, {pending} pending"
         );
     }
+    let totals = sync.state().await?.totals;
+    sync.stop();
 
     // 4. Verify (reading EU as it is, without injected faults), then judge the run.
     eu_instance.restore();
     let differences = verify(&us_instance, &eu_instance, &lob.accepted).await?;
     let placeholders = by_guid + by_number;
+    let changes = (INITIAL_ACCOUNTS + INITIAL_CONTACTS + queued) as u64;
     let checks = [
         (failed == 0, "LOB requests failed"),
         (errors.is_empty(), "the sync hit permanent errors"),
         (replicated == queued as u64, "queued changes were lost"),
+        (
+            totals.received == changes && totals.is_accounted(),
+            "the ledger's totals do not account for every change exactly once",
+        ),
         (differences == 0, "EU differs from what it should hold"),
         (hydrated == placeholders, "placeholders not hydrated"),
         (sent == deferred && pending == 0, "invoices not sent"),
@@ -246,7 +325,9 @@ async fn run(ensure_then_write: bool, data: &Dataset, http: bool) -> BoxResult<(
     let verdict = if !problems.is_empty() {
         format!("FAILED: {}", problems.join("; "))
     } else if ensure_then_write {
-        "OK: every LOB request succeeded, every placeholder was hydrated, EU equals US".into()
+        format!(
+            "OK: every LOB request succeeded, every placeholder was hydrated, EU equals US; the ledger accounts for all {changes} changes once"
+        )
     } else {
         format!("{failed} of {total} LOB requests FAILED while the sync was behind")
     };
@@ -405,47 +486,184 @@ async fn parent_of(
 }
 
 // --- The US instance and the sync job --------------------------------------------------------------------------
-/// What the sync queue carries. Control messages travel with the changes, so each is handled after every change
-/// sent before it.
-#[derive(Debug)]
-enum SyncMessage {
-    /// A record US has written, at this row version.
-    Change(Record, u64),
-    /// Answered, with what the sync did since the last flush, once every earlier change has been applied.
-    Flush(oneshot::Sender<SyncReport>),
-    /// Stop consuming: the outage. Later changes wait in the queue until the worker is started again.
-    Stop,
-}
-
-/// The US instance: a store whose every write is published to the sync queue.
+/// The US instance: a store whose every write is also published to its change log, a JSON-lines file the sync
+/// worker reads with `JsonLinesSource`. The log is durable, so a restarted worker resumes from the checkpoint its
+/// ledger settled with the last batch.
 struct Us {
     store: Arc<dyn RecordStore>,
-    queue: mpsc::UnboundedSender<SyncMessage>,
+    log: PathBuf,
 }
 
 impl Us {
     async fn save(&self, records: &[Record]) -> BoxResult<()> {
+        let mut lines = String::new();
         for record in records {
             let written = self.store.write(&Write::upsert(record.clone())).await?;
-            let version = written.version.0;
-            self.queue
-                .send(SyncMessage::Change(record.clone(), version))?;
+            let event = ChangeEvent::upsert(
+                "us",
+                &self.eu_record(record.clone()).await?,
+                written.version.0,
+            );
+            lines.push_str(&serde_json::to_string(&event)?);
+            lines.push('\n');
         }
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        std::io::Write::write_all(&mut log, lines.as_bytes())?;
         Ok(())
     }
 
-    /// Waits until the sync has applied every change queued so far (no sleeping, no polling), and returns what it
-    /// did since the last flush.
-    async fn flush(&self) -> BoxResult<SyncReport> {
-        let (done, flushed) = oneshot::channel();
-        self.queue.send(SyncMessage::Flush(done))?;
-        Ok(flushed.await?)
+    /// The change as EU should apply it: the same GUID and fields, and the parent lookup addressed by account
+    /// number. Why: an account the LOB app referenced by number during the outage got a placeholder under an EU
+    /// GUID of its own, which the sync hydrates, so the account keeps that EU GUID; its number is the same on both
+    /// instances.
+    async fn eu_record(&self, mut record: Record) -> Result<Record> {
+        if let Some(parent) = record.lookups.get_mut(PARENT) {
+            let account = self.store.read(parent).await?;
+            let number = account.as_ref().and_then(|a| number(&a.record));
+            *parent = account_by_number(number.ok_or_else(|| not_found(parent))?)?;
+        }
+        Ok(record)
+    }
+}
+
+/// What the sync did in a step or a drain.
+#[derive(Debug, Default)]
+struct SyncReport {
+    replicated: u64,
+    retried: u64,        // writes sent again after a transient failure
+    errors: Vec<String>, // events dead-lettered: reported, never lost
+    invoices_sent: u64,
+}
+
+/// What the ledger file says, read back.
+struct LedgerState {
+    checkpoint: u64,
+    log_bytes: u64,
+    pending_tasks: usize,
+    dead_letters: usize,
+    totals: SyncStats,
+}
+
+/// The US → EU sync worker as a process would run it: the crate's `SyncWorker` (JSON-lines source, applier,
+/// deferred-task runner) over the ledger file. `stop` drops it (a process exit); `start` builds it again from the
+/// file, as a restarted process does.
+struct Sync {
+    ledger: PathBuf,
+    log: PathBuf,
+    writer: EnsuringWriter,
+    invoiced: Arc<AtomicUsize>,
+    worker: Option<(SyncWorker, Arc<SqliteLedger>)>,
+}
+
+impl Sync {
+    async fn start(&mut self) -> BoxResult<()> {
+        let ledger = Arc::new(SqliteLedger::open(&self.ledger).await?);
+        let applier = Applier::builder(self.writer.clone(), ledger.clone())
+            .identity("sync-us-eu")
+            .retry(RetryPolicy {
+                initial_backoff: BASE_BACKOFF,
+                max_attempts: MAX_ATTEMPTS,
+                jitter_seed: Some(SEED),
+                ..RetryPolicy::default()
+            })
+            .build(None)?;
+        // The deferred invoices: the guard already let the task through (the customer is hydrated), so the phone
+        // number is there.
+        let invoiced = self.invoiced.clone();
+        let send = move |task: TaskContext| {
+            let invoiced = invoiced.clone();
+            async move {
+                let phone = task.record.record.field(PHONE).and_then(|p| p.as_str());
+                if phone.is_some() {
+                    invoiced.fetch_add(1, Relaxed);
+                }
+                Ok(())
+            }
+        };
+        let tasks = TaskRunner::new(
+            ledger.clone(),
+            self.writer.store().clone(),
+            self.writer.policy().clone(),
+            TaskHandlers::new().register(SEND_INVOICE, send),
+        );
+        let source = Arc::new(JsonLinesSource::new("us", &self.log));
+        let worker = SyncWorker::builder(source, applier)
+            .tasks(tasks)
+            .settings(WorkerSettings {
+                batch_size: SYNC_CHUNK,
+                ..WorkerSettings::default()
+            })
+            .build();
+        self.worker = Some((worker, ledger));
+        Ok(())
     }
 
-    /// Stops the sync (changes keep queueing) and returns the worker, to be started again later.
-    async fn stop(&self, sync: JoinHandle<SyncWorker>) -> BoxResult<SyncWorker> {
-        self.queue.send(SyncMessage::Stop)?;
-        Ok(sync.await?)
+    fn stop(&mut self) {
+        self.worker = None;
+    }
+
+    fn running(&self) -> BoxResult<&(SyncWorker, Arc<SqliteLedger>)> {
+        Ok(self
+            .worker
+            .as_ref()
+            .ok_or("the sync worker is not running")?)
+    }
+
+    /// One batch (and the tasks it made due).
+    async fn step(&self) -> BoxResult<SyncReport> {
+        let (worker, _) = self.running()?;
+        let before = worker.stats();
+        worker.run_once().await?;
+        self.report(&before).await
+    }
+
+    /// Batches until the change log is drained and no deferred task is due.
+    async fn drain(&self) -> BoxResult<SyncReport> {
+        let (worker, _) = self.running()?;
+        let before = worker.stats();
+        loop {
+            let turn = worker.run_once().await?;
+            if turn.events == 0 && turn.tasks == 0 {
+                return self.report(&before).await;
+            }
+        }
+    }
+
+    async fn report(&self, before: &WorkerStats) -> BoxResult<SyncReport> {
+        let (worker, ledger) = self.running()?;
+        let now = worker.stats();
+        let new_letters = (now.sync.dead_lettered - before.sync.dead_lettered) as usize;
+        let mut letters = ledger.dead_letters(usize::MAX).await?;
+        letters.sort_by_key(|l| std::cmp::Reverse(l.last_failed_ms));
+        Ok(SyncReport {
+            replicated: now.sync.applied - before.sync.applied,
+            retried: now.sync.retried - before.sync.retried,
+            errors: letters
+                .into_iter()
+                .take(new_letters)
+                .map(|l| l.error)
+                .collect(),
+            invoices_sent: now.tasks.done - before.tasks.done,
+        })
+    }
+
+    async fn state(&self) -> BoxResult<LedgerState> {
+        let (_, ledger) = self.running()?;
+        let checkpoint = ledger.checkpoint("us").await?.unwrap_or_default();
+        let tasks = ledger.tasks(usize::MAX).await?;
+        Ok(LedgerState {
+            checkpoint: checkpoint.parse().unwrap_or(0),
+            log_bytes: std::fs::metadata(&self.log).map_or(0, |m| m.len()),
+            pending_tasks: tasks
+                .iter()
+                .filter(|t| t.status == TaskStatus::Pending)
+                .count(),
+            dead_letters: ledger.dead_letter_count().await?,
+            totals: ledger.totals().await?,
+        })
     }
 }
 
@@ -459,103 +677,11 @@ enum Eu {
     Ensuring(EnsuringWriter),
 }
 
-/// What the sync did between two flushes.
-#[derive(Debug, Default)]
-struct SyncReport {
-    replicated: u64,
-    retried: u64,        // writes sent again after a transient failure
-    errors: Vec<String>, // events dead-lettered: reported, never lost
-}
-
-/// The US → EU replication job: consumes US changes and applies them to EU under the same GUIDs, with the
-/// crate's sync applier (idempotent, ordered, retrying, dead-lettering what cannot be applied).
-struct SyncWorker {
-    inbox: mpsc::UnboundedReceiver<SyncMessage>,
-    us: Arc<dyn RecordStore>,
-    applier: Applier,
-    reported: SyncStats, // the applier's counters at the last flush
-    errors: Vec<String>,
-}
-
-impl SyncWorker {
-    /// Consumes the queue until told to stop, then hands itself (and the queue) back.
-    async fn run(mut self) -> Self {
-        let mut chunk = Vec::new();
-        while let Some(message) = self.inbox.recv().await {
-            let control = match message {
-                SyncMessage::Change(change, version) => {
-                    chunk.push((change, version));
-                    None
-                }
-                control => Some(control),
-            };
-            // Apply the chunk when it is full, when nothing else is queued for now, or before a control message.
-            if chunk.len() == SYNC_CHUNK || self.inbox.is_empty() || control.is_some() {
-                self.replicate(std::mem::take(&mut chunk)).await;
-            }
-            match control {
-                // The flusher may have given up waiting; nothing to do then.
-                Some(SyncMessage::Flush(done)) => _ = done.send(self.report()),
-                Some(SyncMessage::Stop) => break,
-                _ => {}
-            }
-        }
-        self
-    }
-
-    fn report(&mut self) -> SyncReport {
-        let now = self.applier.stats();
-        let report = SyncReport {
-            replicated: now.applied - self.reported.applied,
-            retried: now.retried - self.reported.retried,
-            errors: std::mem::take(&mut self.errors),
-        };
-        self.reported = now;
-        report
-    }
-
-    /// Applies a chunk of changes to EU as one batch of events, accounts and contacts together: the ensuring
-    /// writer sees that a contact's `account(accountnumber='…')` is an account the batch writes by GUID, and
-    /// writes that one first.
-    async fn replicate(&mut self, changes: Vec<(Record, u64)>) {
-        let mut events = Vec::new();
-        for (record, version) in changes {
-            match self.eu_record(record).await {
-                Ok(record) => events.push(ChangeEvent::upsert("us", &record, version)),
-                Err(err) => self.errors.push(err.to_string()),
-            }
-        }
-        match self.applier.apply_batch(events).await {
-            Ok(dispositions) => {
-                for disposition in dispositions {
-                    if let Disposition::DeadLettered(err) = disposition {
-                        self.errors.push(err.to_string());
-                    }
-                }
-            }
-            Err(err) => self.errors.push(format!("the ledger failed: {err}")),
-        }
-    }
-
-    /// The EU write replicating a US record: the same GUID and fields, and the parent lookup addressed by account
-    /// number. Why: an account the LOB app referenced by number during the outage got a placeholder under an EU
-    /// GUID of its own, which the sync hydrates, so the account keeps that EU GUID; its number is the same on both
-    /// instances.
-    async fn eu_record(&self, mut record: Record) -> Result<Record> {
-        if let Some(parent) = record.lookups.get_mut(PARENT) {
-            let account = self.us.read(parent).await?;
-            let number = account.as_ref().and_then(|a| number(&a.record));
-            *parent = account_by_number(number.ok_or_else(|| not_found(parent))?)?;
-        }
-        Ok(record)
-    }
-}
-
 // --- The line-of-business app ----------------------------------------------------------------------------------
 /// The LOB app: writes to EU records that reference US accounts, invoices orders, and counts what happens.
 #[derive(Debug, Default)]
 struct LobApp {
-    policies: Arc<Policies>,
+    tasks: Option<TaskQueue>,
     accepted: Vec<LobRequest>,
     failed: BTreeMap<&'static str, usize>, // failed requests by reason
     by_guid: usize,                        // placeholders created for a reference by GUID,
@@ -567,9 +693,9 @@ struct LobApp {
 }
 
 impl LobApp {
-    fn new(eu: &Eu, policies: Arc<Policies>) -> Result<Self> {
+    fn new(eu: &Eu, _policies: Arc<Policies>, tasks: TaskQueue) -> Result<Self> {
         let app = Self {
-            policies,
+            tasks: Some(tasks),
             ..Self::default()
         };
         if let Eu::Ensuring(writer) = eu {
@@ -611,7 +737,7 @@ impl LobApp {
             }
         }
         match record.lookups.get(CUSTOMER) {
-            Some(customer) => self.send_invoice(writer, customer).await,
+            Some(customer) => self.send_invoice(writer, &record.reference, customer).await,
             None => Ok(()),
         }
     }
@@ -619,7 +745,12 @@ impl LobApp {
     /// Business logic that needs the customer's real data: invoice the order to the account's phone. The guard
     /// decides: a hydrated account is invoiced now; for a placeholder (no phone yet) the account policy says to
     /// defer, so the invoice is sent when the sync hydrates the account.
-    async fn send_invoice(&mut self, writer: &EnsuringWriter, customer: &EntityRef) -> Result<()> {
+    async fn send_invoice(
+        &mut self,
+        writer: &EnsuringWriter,
+        order: &EntityRef,
+        customer: &EntityRef,
+    ) -> Result<()> {
         let account = writer.store().read(customer).await?;
         let account = account.ok_or_else(|| not_found(customer))?;
         let guard = writer.guard(&account.record);
@@ -629,17 +760,20 @@ impl LobApp {
                 self.invoiced_now += 1;
             }
             Proceed::Deferred => {
+                // Durable: the invoice waits in the ledger, not in this process's memory; the sync worker sends
+                // it once the customer is hydrated, also if either process restarts in between.
+                let tasks = self.tasks.as_ref().ok_or_else(|| not_found(customer))?;
+                // One invoice per order: the order is the idempotency key.
+                tasks
+                    .defer_with_key(
+                        format!("{SEND_INVOICE}:{order}"),
+                        SEND_INVOICE,
+                        account.record.table(),
+                        account.id,
+                        json!({"order": order.to_string()}),
+                    )
+                    .await?;
                 self.deferred += 1;
-                let (sent, policies) = (self.invoiced_later.clone(), self.policies.clone());
-                let send = move |hydrated: &HydratedRecord<'_>| {
-                    // The hydrating write carries the real phone number: the same guard now lets it through.
-                    let guard = Guarded::new(hydrated.record, &*policies);
-                    if guard.require::<String>(PHONE).is_ok() {
-                        sent.fetch_add(1, Relaxed);
-                    }
-                };
-                let hooks = writer.hooks();
-                hooks.defer(account.record.table(), account.id, send);
             }
         }
         Ok(())
