@@ -17,11 +17,28 @@
 //! Polls and dead-letter replays sometimes run concurrently with LOB writes and new faults, and sometimes the
 //! worker is killed halfway (its future dropped at an await point after a random simulated time).
 //!
+//! Records are addressed both ways (issue 9). `accountnumber` is account's alternate key at both instances; the
+//! sync's events address accounts by source GUID, as a change feed does, and carry the number. The LOB names an
+//! account by number or by GUID, as the seeded RNG chooses: when the target has it (the LOB looks it up by
+//! number), by number or by the GUID found there; when it does not, the one way the LOB knows it. Half the
+//! accounts are "keyed": the LOB knows them by number, so its contact creates the placeholder by key, under a
+//! GUID of the target's, and the account's event later hydrates it by source GUID (the writer redirects the write
+//! onto the placeholder, the applier records the alias in the ledger's id map, and every later event of the
+//! account, and every lookup to it, must land there). The others the LOB knows by source GUID. A record must not
+//! be addressed both ways before the sync brings it (two placeholders that nothing can merge: the README's
+//! "Address a record one way"), and the sync addresses contacts' lookups by source GUID, so the source gives a
+//! keyed account contacts only once the ledger has settled the account's own event.
+//!
 //! After the schedule everything is restored and drained, dead letters are replayed, and the checks run:
 //!
-//! 1. the target equals the source on every sync-owned field of every source record, lookups included;
-//! 2. every write the LOB made is intact (its contacts, and its notes: the sync never overwrote them);
-//! 3. no placeholder is left, and each one created was hydrated exactly once (hook count);
+//! 1. every source account has exactly one home at the target, the one record holding its number: under its
+//!    source GUID, or under the GUID the ledger's id map aliases it to; no target account is nobody's home (no
+//!    duplicate rows), and every alias names a home. The target equals the source on every sync-owned field of
+//!    every source record, its lookups pointing at the homes;
+//! 2. every write the LOB made is intact (its contacts, pointing at their account's home, and its notes: the sync
+//!    never overwrote them);
+//! 3. no placeholder is left, each one created is a source account's home and was hydrated exactly once (hook
+//!    count);
 //! 4. no write ever lowered a record's source version, and no placeholder write ever landed on an existing
 //!    record (a recording wrapper around the target checks every write as it happens);
 //! 5. every event is accounted for: the statistics of every worker incarnation add up, every delivered event is
@@ -41,11 +58,11 @@ use eventual_upsert::memory::{Fault, MemoryStore};
 use eventual_upsert::schema::{ColumnType, Schema, TableSchema};
 use eventual_upsert::sync::{
     Applier, ChangeEvent, DeadLetter, DeferredTask, Ledger, LedgerQuery, LedgerView, Mapping,
-    MemoryLedger, Pipeline, Pruned, QueueSource, Retention, Settlement, SyncStats,
+    MemoryLedger, Pipeline, Pruned, QueueSource, Retention, Settlement, SourceRecord, SyncStats,
 };
 use eventual_upsert::{
     BreakerConfig, Change, ColumnName, Delete, DeleteOutcome, Ensured, EnsuringWriter, EntityRef,
-    Error, HydrationState, KeyKind, Policies, Precondition, Record, RecordStore, Result,
+    Error, HydrationState, Key, KeyKind, Policies, Precondition, Record, RecordStore, Result,
     RetryPolicy, StoredRecord, TableName, TablePolicy, Write, WriteOutcome,
 };
 
@@ -54,6 +71,8 @@ const IDENTITY: &str = "sync-us-eu";
 const ORIGIN_COLUMN: &str = "new_syncorigin";
 const MARKER: &str = "new_isplaceholder";
 const NOTE: &str = "new_localnote";
+/// The alternate key of account, at both instances.
+const NUMBER: &str = "accountnumber";
 /// Steps of each seed's schedule.
 const STEPS: usize = 300;
 /// Records at the source, at most (few, so that versions of one record collide often).
@@ -85,7 +104,7 @@ fn simulation() {
     println!(
         "simulation: {} seeds in {secs:.1} s ({:.0} seeds/s); {} events received, {} duplicate, {} stale, {} echo, \
          {} dead-lettered ({} poison), {} replayed, {} retried, {} worker crashes ({} killed mid-poll), \
-         {} placeholders hydrated, {} LOB writes",
+         {} placeholders hydrated ({} made by account number, hydrated by GUID), {} LOB writes",
         seeds.len(),
         seeds.len() as f64 / secs.max(1e-9),
         s.received,
@@ -99,6 +118,7 @@ fn simulation() {
         total.crashes,
         total.kills,
         total.hydrated,
+        total.aliased,
         total.lob_writes,
     );
 }
@@ -147,6 +167,8 @@ struct Summary {
     kills: u64,
     poison: u64,
     hydrated: u64,
+    /// Source accounts living at the target under another GUID (a placeholder the LOB made by number).
+    aliased: u64,
     lob_writes: u64,
 }
 
@@ -157,6 +179,7 @@ impl Summary {
         self.kills += other.kills;
         self.poison += other.poison;
         self.hydrated += other.hydrated;
+        self.aliased += other.aliased;
         self.lob_writes += other.lob_writes;
     }
 }
@@ -221,7 +244,7 @@ impl Rng {
 fn schema() -> Schema {
     let account = TableSchema::builder("account")
         .primary_name("name")
-        .alternate_key([("accountnumber", KeyKind::String)])
+        .alternate_key([(NUMBER, KeyKind::String)])
         .column("telephone1", ColumnType::String)
         .column("creditlimit", ColumnType::Integer)
         .column("address1_country", ColumnType::String)
@@ -254,6 +277,10 @@ fn mapping() -> Mapping {
 
 fn account(id: Uuid) -> EntityRef {
     EntityRef::by_id("account", id).unwrap()
+}
+
+fn account_by_number(number: &str) -> EntityRef {
+    EntityRef::by_key("account", [(NUMBER, number)]).unwrap()
 }
 
 fn contact(id: Uuid) -> EntityRef {
@@ -488,21 +515,31 @@ impl Drop for Cancelled<'_> {
         let now = log.tick();
         for placeholder in &self.placeholders {
             let reference = &placeholder.reference;
-            // The simulation addresses every record by GUID.
-            let Some(id) = reference.id() else {
-                log.violation(format!("{reference}: a placeholder not addressed by id"));
-                continue;
-            };
+            // By GUID (the sync's placeholders) or by alternate key (the LOB's, though the LOB is never killed).
             let held = self
                 .store
                 .inner
                 .records(&reference.table)
-                .is_ok_and(|records| records.iter().any(|r| r.id == id));
-            if held && !WriteLog::before(&log.existing, id, self.started) {
+                .unwrap_or_default()
+                .into_iter()
+                .find(|r| addresses(reference, r));
+            if let Some(id) = held.map(|r| r.id)
+                && !WriteLog::before(&log.existing, id, self.started)
+            {
                 log.existing.entry(id).or_insert(now);
                 log.placeholders.insert(id);
             }
         }
+    }
+}
+
+/// Whether `reference` (by GUID or by alternate key) addresses `stored`.
+fn addresses(reference: &EntityRef, stored: &StoredRecord) -> bool {
+    match &reference.key {
+        Key::Id(id) => stored.id == *id,
+        Key::Alternate(key) => key
+            .parts()
+            .all(|(column, value)| stored.record.field(column.as_str()) == Some(&value.to_json())),
     }
 }
 
@@ -707,16 +744,68 @@ fn count_hydrations(writer: &EnsuringWriter, counts: &HydrationCounts) {
 struct LobContact {
     fullname: String,
     email: String,
+    /// The source account it references (the LOB may have named it by account number or by a GUID of the
+    /// target's: see [`LobAccount::address`]).
     parent: Uuid,
+}
+
+/// A source account as the LOB knows it.
+#[derive(Clone, Debug)]
+struct LobAccount {
+    /// Its source GUID.
+    id: Uuid,
+    /// Its account number (the alternate key).
+    number: String,
+    /// Whether the LOB knows it by number (see [`Sim::keyed`]).
+    keyed: bool,
+}
+
+impl LobAccount {
+    /// How the LOB names the account in a write: by account number (`by_key`) or by GUID, as the seeded RNG chose.
+    /// Where the target has the account (a lookup by number finds it), either works: the number, or the GUID the
+    /// lookup found (the source GUID, or the GUID of a placeholder created by number). Where it does not, the LOB
+    /// names it the one way it knows it, so that it is never addressed both ways before the sync brings it: by
+    /// number if it is keyed (a placeholder by number, under a GUID of the target's), else by its source GUID.
+    /// `None` when the lookup failed (the target misbehaving): the operation is dropped.
+    async fn address(
+        &self,
+        world: &World,
+        by_key: bool,
+    ) -> std::result::Result<Option<EntityRef>, String> {
+        let by_number = account_by_number(&self.number);
+        if by_key == self.keyed {
+            return Ok(Some(match by_key {
+                true => by_number,
+                false => account(self.id),
+            }));
+        }
+        match world.recorder.read(&by_number).await {
+            Ok(Some(_)) if by_key => Ok(Some(by_number)),
+            Ok(Some(found)) => Ok(Some(account(found.id))),
+            Ok(None) if self.keyed => Ok(Some(by_number)),
+            Ok(None) => Ok(Some(account(self.id))),
+            Err(e) => transient("the LOB's lookup of an account by number", e).map(|()| None),
+        }
+    }
 }
 
 /// One LOB operation, drawn in advance so that it can run concurrently with a poll.
 #[derive(Debug)]
 enum LobOp {
-    /// A new contact (its own GUID, not in the source) referencing an account by GUID.
-    Contact { id: Uuid, contact: LobContact },
-    /// The target-owned note on an account, if the account is hydrated (a guarded operation).
-    Note { account: Uuid, note: String },
+    /// A new contact (its own GUID, not in the source) referencing an account by number or by GUID.
+    Contact {
+        id: Uuid,
+        contact: LobContact,
+        parent: LobAccount,
+        by_key: bool,
+    },
+    /// The target-owned note on an account, if the account is hydrated (a guarded operation): the LOB looks the
+    /// account up by number and updates it by number or by the GUID found.
+    Note {
+        account: LobAccount,
+        by_key: bool,
+        note: String,
+    },
     /// Not the LOB's doing, but it happens meanwhile: a fault starts (possibly halfway through a poll's
     /// ensure-then-write, between the placeholders and the write).
     Fault(FaultPlan),
@@ -763,11 +852,19 @@ impl Lob {
     async fn run(&mut self, world: &World, ops: Vec<LobOp>) -> std::result::Result<(), String> {
         for op in ops {
             match op {
-                LobOp::Contact { id, contact: lob } => {
+                LobOp::Contact {
+                    id,
+                    contact: lob,
+                    parent,
+                    by_key,
+                } => {
+                    let Some(parent) = parent.address(world, by_key).await? else {
+                        continue;
+                    };
                     let record = Record::builder(contact(id))
                         .field("fullname", lob.fullname.clone())
                         .field("emailaddress1", lob.email.clone())
-                        .lookup("parentcustomerid", account(lob.parent))
+                        .lookup("parentcustomerid", parent)
                         .build()
                         .unwrap();
                     let report = world
@@ -784,8 +881,13 @@ impl Lob {
                         None => return Err("the LOB's contact write got no result".into()),
                     }
                 }
-                LobOp::Note { account: id, note } => {
-                    let stored = match world.recorder.read(&account(id)).await {
+                LobOp::Note {
+                    account: lob_account,
+                    by_key,
+                    note,
+                } => {
+                    let by_number = account_by_number(&lob_account.number);
+                    let stored = match world.recorder.read(&by_number).await {
                         Ok(Some(stored)) => stored,
                         Ok(None) => continue,
                         Err(e) => {
@@ -802,14 +904,18 @@ impl Lob {
                     {
                         continue;
                     }
-                    let record = Record::builder(account(id))
+                    let address = match by_key {
+                        true => by_number,
+                        false => account(stored.id),
+                    };
+                    let record = Record::builder(address)
                         .field(NOTE, note.clone())
                         .build()
                         .unwrap();
                     match world.lob_writer.write(Write::update_only(record)).await {
                         Ok(_) => {
                             self.accepted += 1;
-                            self.notes.insert(id, note);
+                            self.notes.insert(lob_account.id, note);
                         }
                         Err(e) => transient("the LOB's note update", e)?,
                     }
@@ -843,6 +949,17 @@ struct Sim {
     /// Source records, by table.
     accounts: Vec<Uuid>,
     contacts: Vec<Uuid>,
+    /// Each source account's number (its alternate key; never changed).
+    numbers: BTreeMap<Uuid, String>,
+    /// The accounts the LOB knows by number (half of them, drawn when the source creates one): while the target
+    /// does not have one, the LOB references it by number, which creates the placeholder by key, under a GUID of
+    /// the target's, and the sync later hydrates it with an event addressed by the source GUID (issue 9). A record
+    /// must not be addressed both ways before the sync brings it (two placeholders, which nothing can merge: see
+    /// the README's "Address a record one way"), and the sync addresses contacts' lookups by source GUID, so the
+    /// source gives a keyed account contacts only once its own event has settled (see `referable_accounts`).
+    keyed: BTreeSet<Uuid>,
+    /// Keyed accounts whose event the ledger has settled (it never unsettles one).
+    settled: BTreeSet<Uuid>,
     /// Every event a source change produced.
     events: Vec<ChangeEvent>,
     /// Events sent but not yet delivered to the queue.
@@ -877,6 +994,9 @@ async fn simulate(seed: u64) -> std::result::Result<Summary, String> {
         world,
         accounts: Vec::new(),
         contacts: Vec::new(),
+        numbers: BTreeMap::new(),
+        keyed: BTreeSet::new(),
+        settled: BTreeSet::new(),
         events: Vec::new(),
         network: Vec::new(),
         delivered: BTreeSet::new(),
@@ -961,13 +1081,23 @@ impl Sim {
         } else if self.rng.percent(50) {
             self.account_update()
         } else if self.contacts.len() < MAX_CONTACTS && self.rng.percent(40) {
-            self.new_contact()
+            match self.new_contact() {
+                Some(record) => record,
+                None => self.account_update(),
+            }
         } else if let Some(id) = self.rng.pick(&self.contacts) {
             self.contact_update(id)
         } else {
-            self.new_contact()
+            match self.new_contact() {
+                Some(record) => record,
+                None => self.account_update(),
+            }
         };
         let reference = record.reference.clone();
+        let number = record
+            .field(NUMBER)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         let outcome = self
             .world
             .source
@@ -976,7 +1106,14 @@ impl Sim {
             .map_err(|e| format!("the source rejected a change: {e}"))?;
         if outcome.change == Change::Created {
             match reference.table.as_str() {
-                "account" => self.accounts.push(outcome.id),
+                "account" => {
+                    self.accounts.push(outcome.id);
+                    self.numbers
+                        .insert(outcome.id, number.ok_or("an account without a number")?);
+                    if self.rng.percent(50) {
+                        self.keyed.insert(outcome.id);
+                    }
+                }
                 _ => self.contacts.push(outcome.id),
             }
         }
@@ -1008,7 +1145,7 @@ impl Sim {
         let country = self.country();
         let mut builder = Record::builder(account(id))
             .field("name", format!("Account {n}"))
-            .field("accountnumber", format!("A-{n}"))
+            .field(NUMBER, format!("A-{n}"))
             .field("address1_country", country)
             .field("creditlimit", self.rng.range(0, 100) * 1000);
         if self.rng.percent(50) {
@@ -1055,17 +1192,43 @@ impl Sim {
         builder.build().unwrap()
     }
 
-    fn new_contact(&mut self) -> Record {
+    /// The accounts a source contact may reference: every one the LOB knows by GUID (often one the sync has not
+    /// delivered yet), and the keyed ones whose own event the ledger has settled (see [`Sim::keyed`]): the sync
+    /// then finds such an account through the id map (an alias, when the account hydrated the LOB's placeholder
+    /// made by number) or under its source GUID.
+    fn referable_accounts(&mut self) -> Vec<Uuid> {
+        if self.keyed.iter().any(|id| !self.settled.contains(id)) {
+            for (record, _) in self.world.ledger.snapshot().applied_versions {
+                if record.source == SOURCE
+                    && record.reference.table.as_str() == "account"
+                    && let Some(id) = record.reference.id()
+                    && self.keyed.contains(&id)
+                {
+                    self.settled.insert(id);
+                }
+            }
+        }
+        self.accounts
+            .iter()
+            .copied()
+            .filter(|id| !self.keyed.contains(id) || self.settled.contains(id))
+            .collect()
+    }
+
+    /// A new contact, or `None` when no account may be referenced yet.
+    fn new_contact(&mut self) -> Option<Record> {
+        let parents = self.referable_accounts();
+        let parent = self.rng.pick(&parents)?;
         let n = self.next_number();
         let id = self.rng.uuid();
-        // Any source account: often one the sync has not delivered yet.
-        let parent = self.accounts[self.rng.index(self.accounts.len())];
-        Record::builder(contact(id))
-            .field("fullname", format!("Contact {n}"))
-            .field("emailaddress1", format!("c{n}@us.example"))
-            .lookup("parentcustomerid", account(parent))
-            .build()
-            .unwrap()
+        Some(
+            Record::builder(contact(id))
+                .field("fullname", format!("Contact {n}"))
+                .field("emailaddress1", format!("c{n}@us.example"))
+                .lookup("parentcustomerid", account(parent))
+                .build()
+                .unwrap(),
+        )
     }
 
     fn contact_update(&mut self, id: Uuid) -> Record {
@@ -1082,9 +1245,11 @@ impl Sim {
                 changed = true;
             }
             if self.rng.percent(30) {
-                let parent = self.accounts[self.rng.index(self.accounts.len())];
-                builder = builder.lookup("parentcustomerid", account(parent));
-                changed = true;
+                let parents = self.referable_accounts();
+                if let Some(parent) = self.rng.pick(&parents) {
+                    builder = builder.lookup("parentcustomerid", account(parent));
+                    changed = true;
+                }
             }
         }
         builder.build().unwrap()
@@ -1096,7 +1261,7 @@ impl Sim {
         let n = self.next_number();
         let record = Record::builder(account(self.rng.uuid()))
             .field("name", format!("Poison {n}"))
-            .field("accountnumber", format!("P-{n}"))
+            .field(NUMBER, format!("P-{n}"))
             .field("address1_country", "XX")
             .build()
             .unwrap();
@@ -1167,6 +1332,13 @@ impl Sim {
             let Some(parent) = self.rng.pick(&self.accounts) else {
                 break;
             };
+            let parent = LobAccount {
+                id: parent,
+                number: self.numbers[&parent].clone(),
+                keyed: self.keyed.contains(&parent),
+            };
+            // By number or by GUID (see `LobAccount::address`).
+            let by_key = self.rng.percent(50);
             let n = self.next_number();
             if self.rng.percent(65) {
                 let id = self.rng.uuid();
@@ -1175,12 +1347,15 @@ impl Sim {
                     contact: LobContact {
                         fullname: format!("LOB contact {n}"),
                         email: format!("lob{n}@eu.example"),
-                        parent,
+                        parent: parent.id,
                     },
+                    parent,
+                    by_key,
                 });
             } else {
                 ops.push(LobOp::Note {
                     account: parent,
+                    by_key,
                     note: format!("eu-note-{n}"),
                 });
             }
@@ -1456,8 +1631,16 @@ impl Sim {
         let failed: BTreeSet<&str> = report.failed.iter().map(|(id, _)| id.as_str()).collect();
         let poison: BTreeSet<&str> = self.poison.keys().map(String::as_str).collect();
         if failed != poison {
+            let errors: Vec<String> = report
+                .failed
+                .iter()
+                .filter(|(id, _)| !self.poison.contains_key(id))
+                .map(|(id, error)| format!("{id}: {error}"))
+                .collect();
             return Err(format!(
-                "replay failed for {failed:?}; exactly the poison events {poison:?} should fail"
+                "replay failed for {failed:?}; exactly the poison events {poison:?} should fail (the others \
+                 failed with: {})",
+                errors.join("; ")
             ));
         }
         if report.replayed + report.failed.len() != letters
@@ -1490,9 +1673,10 @@ impl Sim {
 
     async fn check(&self) -> std::result::Result<Summary, String> {
         let mut problems = Vec::new();
-        self.check_target(&mut problems).await;
-        self.check_placeholders(&mut problems);
-        self.check_writes(&mut problems);
+        let homes = self.check_identities(&mut problems);
+        self.check_target(&homes, &mut problems);
+        self.check_placeholders(&homes, &mut problems);
+        self.check_writes(&homes, &mut problems);
         let stats = self.check_accounting(&mut problems).await;
         if !problems.is_empty() {
             let mut message = String::new();
@@ -1510,24 +1694,72 @@ impl Sim {
             kills: self.kills,
             poison: self.poison.len() as u64,
             hydrated: self.world.recorder.log().placeholders.len() as u64,
+            aliased: homes.iter().filter(|(source, home)| source != home).count() as u64,
             lob_writes: self.lob.accepted,
         })
     }
 
+    /// Check 1, identity: where each source account lives at the target, as the ledger's id map says (an alias: the
+    /// account hydrated a placeholder the LOB made by number, under a GUID of the target's) or else under its
+    /// source GUID; and that this is the one target account with its number, and no target account stands for
+    /// no source account (a duplicate row). Returns the homes found, source GUID to target GUID.
+    fn check_identities(&self, problems: &mut Vec<String>) -> BTreeMap<Uuid, Uuid> {
+        let source_accounts = self.world.source.records(&table("account")).unwrap();
+        let target_accounts = self.world.target.records(&table("account")).unwrap();
+        let aliases: BTreeMap<SourceRecord, EntityRef> =
+            self.world.ledger.snapshot().id_map.into_iter().collect();
+        let mut homes = BTreeMap::new();
+        for source in &source_accounts {
+            let number = source.record.field(NUMBER).cloned().unwrap_or(Value::Null);
+            let alias = aliases.get(&SourceRecord::new(SOURCE, account(source.id)));
+            let home = alias.and_then(EntityRef::id).unwrap_or(source.id);
+            let holders: Vec<Uuid> = target_accounts
+                .iter()
+                .filter(|t| t.record.field(NUMBER) == Some(&number))
+                .map(|t| t.id)
+                .collect();
+            if holders != [home] {
+                let whence = match alias {
+                    Some(alias) => format!("at {alias}, as the ledger's id map says"),
+                    None => "under its source GUID (the id map has no alias for it)".to_owned(),
+                };
+                problems.push(format!(
+                    "check 1: source account {} (number {number}, keyed by the LOB: {}) should be at the target \
+                     {whence}, and be the one target account with its number; the target accounts with its \
+                     number are {holders:?}",
+                    source.id,
+                    self.keyed.contains(&source.id)
+                ));
+            }
+            if target_accounts.iter().any(|t| t.id == home) {
+                homes.insert(source.id, home);
+            }
+        }
+        let homed: BTreeSet<Uuid> = homes.values().copied().collect();
+        for extra in target_accounts.iter().filter(|t| !homed.contains(&t.id)) {
+            problems.push(format!(
+                "check 1: target account {} is no source account's home (a duplicate row?): {:?}",
+                extra.id, extra.record
+            ));
+        }
+        for (alias, target) in &aliases {
+            let aliased = alias.reference.id().and_then(|id| homes.get(&id));
+            if alias.reference.table.as_str() != "account" || aliased != target.id().as_ref() {
+                problems.push(format!(
+                    "check 1: the id map aliases {alias:?} to {target}, which is not that source record's home"
+                ));
+            }
+        }
+        homes
+    }
+
     /// Checks 1 and 2: the target mirrors the source on sync-owned fields, and holds the LOB's writes intact.
-    async fn check_target(&self, problems: &mut Vec<String>) {
+    fn check_target(&self, homes: &BTreeMap<Uuid, Uuid>, problems: &mut Vec<String>) {
         let source_accounts = self.world.source.records(&table("account")).unwrap();
         let source_contacts = self.world.source.records(&table("contact")).unwrap();
         let target_accounts = self.world.target.records(&table("account")).unwrap();
         let target_contacts = self.world.target.records(&table("contact")).unwrap();
         let ids = |records: &[StoredRecord]| records.iter().map(|r| r.id).collect::<BTreeSet<_>>();
-        if ids(&target_accounts) != ids(&source_accounts) {
-            problems.push(format!(
-                "check 1: the target's accounts {:?} are not the source's {:?}",
-                ids(&target_accounts),
-                ids(&source_accounts)
-            ));
-        }
         let mut expected_contacts = ids(&source_contacts);
         expected_contacts.extend(self.lob.contacts.keys());
         if ids(&target_contacts) != expected_contacts {
@@ -1542,11 +1774,24 @@ impl Sim {
             .chain(&target_contacts)
             .map(|r| (r.id, r))
             .collect();
-        for source in source_accounts.iter().chain(&source_contacts) {
+        let home = |id: &Uuid| homes.get(id).copied();
+        for source in &source_accounts {
+            let Some(mirror) = home(&source.id).and_then(|id| target.get(&id)) else {
+                continue; // reported by check_identities
+            };
+            compare(
+                source,
+                mirror,
+                self.lob.notes.get(&source.id),
+                homes,
+                problems,
+            );
+        }
+        for source in &source_contacts {
             let Some(mirror) = target.get(&source.id) else {
                 continue; // reported above
             };
-            compare(source, mirror, self.lob.notes.get(&source.id), problems);
+            compare(source, mirror, None, homes, problems);
         }
         for (id, lob) in &self.lob.contacts {
             let Some(stored) = target.get(id) else {
@@ -1561,12 +1806,14 @@ impl Sim {
                 .iter()
                 .map(|(c, v)| (c.to_string(), v.clone()))
                 .collect();
+            let parent = home(&lob.parent).map(account);
             if fields != expected
-                || stored.record.lookups.get("parentcustomerid") != Some(&account(lob.parent))
+                || stored.record.lookups.get("parentcustomerid") != parent.as_ref()
                 || stored.record.source_version.is_some()
             {
                 problems.push(format!(
-                    "check 2: LOB contact {id} was {lob:?}, the target holds {:?}",
+                    "check 2: LOB contact {id} was {lob:?} (its account at the target: {parent:?}), the target \
+                     holds {:?}",
                     stored.record
                 ));
             }
@@ -1574,26 +1821,36 @@ impl Sim {
     }
 
     /// Check 3: no placeholder left; each one created was hydrated exactly once, and every other account was
-    /// reported once too, when it was created with real data.
-    fn check_placeholders(&self, problems: &mut Vec<String>) {
+    /// reported once too, when it was created with real data. By target GUID: a placeholder made by number is
+    /// its source account's home under a GUID of the target's.
+    fn check_placeholders(&self, homes: &BTreeMap<Uuid, Uuid>, problems: &mut Vec<String>) {
         let created = self.world.recorder.log().placeholders.clone();
         let hydrations = lock(&self.world.hydrations).clone();
+        // Target GUID to source GUID.
+        let sources: BTreeMap<Uuid, Uuid> = homes.iter().map(|(s, t)| (*t, *s)).collect();
         for id in &created {
-            if !self.accounts.contains(id) {
+            if !sources.contains_key(id) {
                 problems.push(format!(
-                    "check 3: a placeholder {id} was created for a record the source does not have"
+                    "check 3: a placeholder {id} was created, and it is no source account's home at the target"
                 ));
             }
         }
-        let mut accounts: BTreeSet<Uuid> = self.accounts.iter().copied().collect();
+        let mut accounts: BTreeSet<Uuid> = sources.keys().copied().collect();
         accounts.extend(hydrations.keys());
         for id in &accounts {
             let seen = hydrations.get(id).copied().unwrap_or_default();
             let placeholder = u32::from(created.contains(id));
             if seen.all != 1 || seen.placeholder != placeholder {
+                let of = match sources.get(id) {
+                    Some(source) if source != id => {
+                        format!(" (the home of source account {source})")
+                    }
+                    Some(_) => String::new(),
+                    None => " (no source account's home)".to_owned(),
+                };
                 problems.push(format!(
-                    "check 3: the hooks reported account {id} hydrated {} times ({} as a placeholder); expected \
-                     once ({placeholder} as a placeholder)",
+                    "check 3: the hooks reported account {id}{of} hydrated {} times ({} as a placeholder); \
+                     expected once ({placeholder} as a placeholder)",
                     seen.all, seen.placeholder
                 ));
             }
@@ -1637,7 +1894,7 @@ impl Sim {
     }
 
     /// Check 4: what the recording store saw.
-    fn check_writes(&self, problems: &mut Vec<String>) {
+    fn check_writes(&self, homes: &BTreeMap<Uuid, Uuid>, problems: &mut Vec<String>) {
         let log = self.world.recorder.log();
         for violation in &log.violations {
             problems.push(format!("check 4: {violation}"));
@@ -1645,11 +1902,12 @@ impl Sim {
         // The highest source version ever written to a record is the version the source is at.
         for table_name in ["account", "contact"] {
             for source in self.world.source.records(&table(table_name)).unwrap() {
-                let written = log.source_versions.get(&source.id).copied();
+                let home = homes.get(&source.id).copied().unwrap_or(source.id);
+                let written = log.source_versions.get(&home).copied();
                 if written != Some(source.version.0) {
                     problems.push(format!(
-                        "check 4: {table_name} {}: highest source version written {written:?}, the source is \
-                         at {}",
+                        "check 4: {table_name} {} (at the target {home}): highest source version written \
+                         {written:?}, the source is at {}",
                         source.id, source.version.0
                     ));
                 }
@@ -1755,14 +2013,19 @@ fn iso3(country: &Value) -> Option<&'static str> {
         .map(|(_, to)| *to)
 }
 
-/// Check 1 (and 2 for notes) for one source record and its mirror at the target.
+/// Check 1 (and 2 for notes) for one source record and its mirror at the target (`homes`: where each source
+/// account lives at the target, for lookups).
 fn compare(
     source: &StoredRecord,
     mirror: &StoredRecord,
     lob_note: Option<&String>,
+    homes: &BTreeMap<Uuid, Uuid>,
     problems: &mut Vec<String>,
 ) {
-    let what = &source.record.reference;
+    let what = match mirror.id == source.id {
+        true => source.record.reference.to_string(),
+        false => format!("{} (at the target {})", source.record.reference, mirror.id),
+    };
     let is_account = source.record.table().as_str() == "account";
     // The mapping, written out independently of `Mapping`: the note is the target's, countries become ISO-3.
     let mut expected: BTreeMap<String, Value> = BTreeMap::new();
@@ -1811,9 +2074,16 @@ fn compare(
             differing.join("; ")
         ));
     }
-    if mirror.record.lookups != source.record.lookups {
+    // A lookup to a source account points at that account's one home at the target.
+    let mut lookups = source.record.lookups.clone();
+    for target in lookups.values_mut() {
+        if let Some(home) = target.id().and_then(|id| homes.get(&id)) {
+            *target = EntityRef::by_id(target.table.clone(), *home).unwrap();
+        }
+    }
+    if mirror.record.lookups != lookups {
         problems.push(format!(
-            "check 1: {what}: lookups {:?} at the source, {:?} at the target",
+            "check 1: {what}: lookups {:?} at the source (at the target: {lookups:?}), {:?} at the target",
             source.record.lookups, mirror.record.lookups
         ));
     }
