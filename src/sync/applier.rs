@@ -351,10 +351,12 @@ impl Applier {
         let mut settlement = Settlement::at(now_ms());
         settlement.checkpoint = checkpoint;
         let mut steps = self.decide(&events, &sources, &view, replay);
+        // Id-map entries this batch adds, by source record (a map: a batch may name one record many times).
+        let mut new_ids: HashMap<SourceRecord, EntityRef> = HashMap::new();
         let mut prepared = Vec::new();
         for (i, step) in steps.iter_mut().enumerate() {
             if let Step::Write = step {
-                match self.prepare(&events[i], &view, &mut settlement) {
+                match self.prepare(&events[i], &view, &mut new_ids) {
                     Ok(record) => prepared.push((i, record)),
                     Err(e) => *step = Step::Done(Err(e), 0),
                 }
@@ -375,8 +377,14 @@ impl Applier {
         }
         let mut out = Vec::with_capacity(events.len());
         for ((event, source), step) in events.iter().zip(&sources).zip(steps) {
-            out.push(self.settle_event(event, source, step, replay, &mut settlement)?);
+            let known = view.targets.contains_key(source);
+            out.push(self.settle_event(event, source, step, replay, known, &mut new_ids, &mut settlement)?);
         }
+        settlement.id_map.extend(
+            new_ids
+                .into_iter()
+                .map(|(source, target)| IdMapping { source, target }),
+        );
         if !replay {
             settlement
                 .stats
@@ -474,16 +482,16 @@ impl Applier {
     }
 
     /// The target record for an event: mapped, addresses resolved through the id map, origin stamped. New id-map
-    /// entries go into the settlement.
+    /// entries go into `new_ids`.
     fn prepare(
         &self,
         event: &ChangeEvent,
         view: &LedgerView,
-        settlement: &mut Settlement,
+        new_ids: &mut HashMap<SourceRecord, EntityRef>,
     ) -> Result<Record> {
         let mut record = self.mapping.apply(event)?;
         let source = event.source_record();
-        if let Some(target) = self.resolve(&source, record.table(), view, settlement) {
+        if let Some(target) = self.resolve(&source, record.table(), view, new_ids) {
             record.reference = target;
         }
         if event.is_delete() {
@@ -501,7 +509,7 @@ impl Applier {
             };
             let source = SourceRecord::new(event.source.clone(), source_target.clone());
             let table = target.table.clone();
-            if let Some(resolved) = self.resolve(&source, &table, view, settlement) {
+            if let Some(resolved) = self.resolve(&source, &table, view, new_ids) {
                 *target = resolved;
             }
         }
@@ -524,13 +532,10 @@ impl Applier {
         source: &SourceRecord,
         target_table: &TableName,
         view: &LedgerView,
-        settlement: &mut Settlement,
+        new_ids: &mut HashMap<SourceRecord, EntityRef>,
     ) -> Option<EntityRef> {
-        if let Some(target) = view.targets.get(source) {
+        if let Some(target) = view.targets.get(source).or_else(|| new_ids.get(source)) {
             return Some(target.clone());
-        }
-        if let Some(mapped) = settlement.id_map.iter().find(|m| m.source == *source) {
-            return Some(mapped.target.clone());
         }
         if !self.mapped_tables.contains(&source.reference.table) {
             return None;
@@ -543,20 +548,21 @@ impl Applier {
             table: target_table.clone(),
             key: Key::Id(Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())),
         };
-        settlement.id_map.push(IdMapping {
-            source: source.clone(),
-            target: target.clone(),
-        });
+        new_ids.insert(source.clone(), target.clone());
         Some(target)
     }
 
-    /// Records an event's outcome in the settlement and says what became of it.
+    /// Records an event's outcome in the settlement and says what became of it. `known`: the id map already
+    /// names the event's record.
+    #[allow(clippy::too_many_arguments)]
     fn settle_event(
         &self,
         event: &ChangeEvent,
         source: &SourceRecord,
         step: Step,
         replay: bool,
+        known: bool,
+        new_ids: &mut HashMap<SourceRecord, EntityRef>,
         settlement: &mut Settlement,
     ) -> Result<Disposition> {
         let span = tracing::debug_span!(
@@ -596,15 +602,13 @@ impl Applier {
                         version: outcome.version.0,
                     });
                 }
-                // The record now lives at `written`: remember it under the address the event used (a GUID the
-                // writer redirected onto a placeholder, or an alternate key), so later events find it directly.
-                if source.reference.id() != Some(outcome.id)
-                    && !settlement.id_map.iter().any(|m| m.source == *source)
-                {
-                    settlement.id_map.push(IdMapping {
-                        source: source.clone(),
-                        target: written.clone(),
-                    });
+                // A GUID-addressed event whose record now lives under another id (the writer redirected it onto a
+                // placeholder): remember where, so later events find it directly. Events by alternate key need no
+                // entry: the target resolves the key itself.
+                if !known && source.reference.id().is_some_and(|id| id != outcome.id) {
+                    new_ids
+                        .entry(source.clone())
+                        .or_insert_with(|| written.clone());
                 }
                 if outcome.became_hydrated() {
                     settlement.tasks.push(TaskChange::Release(written));
