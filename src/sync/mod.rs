@@ -66,7 +66,7 @@ pub use source::{ChangeBatch, ChangeSource, Pipeline, QueueSource};
 pub use stats::{Counter, SyncCounters, SyncStats};
 pub use tasks::{DeferredTask, TaskChange, TaskStatus};
 
-#[cfg(feature = "postgres")]
-pub use ledger::{PostgresLedger, PostgresLedgerBuilder};
 #[cfg(feature = "sqlite")]
 pub use ledger::SqliteLedger;
+#[cfg(feature = "postgres")]
+pub use ledger::{PostgresLedger, PostgresLedgerBuilder};
