@@ -141,7 +141,7 @@ impl ApplierBuilder {
 
     /// The name under which the target appears as a change source to the other direction of a two-way sync.
     /// Every write is then remembered in the ledger with the row version it produced
-    /// ([`Ledger::record_own_write`]), and an event from a source whose record and version match one of them is
+    /// (an [`OwnWrite`](crate::sync::OwnWrite) in the settlement), and an event from a source whose record and version match one of them is
     /// skipped as an echo. Unlike an origin column, this cannot mistake a later edit by someone else for an echo.
     pub fn target_instance(mut self, name: impl Into<String>) -> Self {
         self.target_instance = Some(name.into());
@@ -378,7 +378,15 @@ impl Applier {
         let mut out = Vec::with_capacity(events.len());
         for ((event, source), step) in events.iter().zip(&sources).zip(steps) {
             let known = view.targets.contains_key(source);
-            out.push(self.settle_event(event, source, step, replay, known, &mut new_ids, &mut settlement)?);
+            out.push(self.settle_event(
+                event,
+                source,
+                step,
+                replay,
+                known,
+                &mut new_ids,
+                &mut settlement,
+            )?);
         }
         settlement.id_map.extend(
             new_ids

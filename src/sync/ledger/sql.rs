@@ -98,7 +98,7 @@ pub(crate) struct TaskRow {
 /// share a settlement), so only runs of consecutive enqueues become one statement.
 #[derive(Clone, Debug)]
 pub(crate) enum TaskStep {
-    /// Consecutive enqueues, in order (the first of an id wins, as later ones find it there).
+    /// Consecutive enqueues, sorted by id (the first of an id wins, as later ones find it there).
     Enqueue(Vec<TaskRow>),
     Release(Address),
     Wait {
@@ -231,6 +231,13 @@ impl Rows {
                         .map(|at| to_i64(at, || format!("the retry time of task '{id}'")))
                         .transpose()?,
                 }),
+            }
+        }
+
+        // Stable: of two enqueues of one id, the first still comes first (and wins).
+        for step in &mut tasks {
+            if let TaskStep::Enqueue(run) = step {
+                run.sort_by(|a, b| a.id.cmp(&b.id));
             }
         }
 
@@ -582,5 +589,157 @@ pub(crate) fn map_sqlx(
         message: format!("{operation}: {detail}"),
         retryable,
         source: Some(Arc::new(err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Record;
+    use crate::sync::ledger::{AppliedVersion, IdMapping, SettledEvent};
+
+    fn account(number: &str) -> EntityRef {
+        EntityRef::by_key("account", [("accountnumber", number)]).unwrap()
+    }
+
+    fn settled(id: &str, record: &SourceRecord, version: u64, deleted: bool) -> SettledEvent {
+        SettledEvent {
+            event_id: id.into(),
+            record: record.clone(),
+            applied: Some(AppliedVersion { version, deleted }),
+        }
+    }
+
+    fn letter(attempts: u32, at: u64, error: &str) -> DeadLetter {
+        let event = ChangeEvent::upsert("us", &Record::new(account("A-1")), 1).with_event_id("e");
+        let error = Error::Backend {
+            backend: "t".into(),
+            message: error.into(),
+            retryable: false,
+            source: None,
+        };
+        DeadLetter::new(event, &error, attempts, at)
+    }
+
+    #[test]
+    fn rows_apply_a_settlement_as_the_memory_ledger_does() {
+        let a = SourceRecord::new("us", account("A-1"));
+        let b = SourceRecord::new("us", account("A-0"));
+        let mut s = Settlement::at(10);
+        s.events = vec![
+            settled("e-2", &a, 5, false),
+            settled("e-1", &a, 5, true),
+            settled("e-2", &b, 3, false),
+            settled("e-3", &a, 4, false),
+        ];
+        let (t1, t2) = (account("T-1"), account("T-2"));
+        s.id_map = vec![
+            IdMapping {
+                source: a.clone(),
+                target: t1,
+            },
+            IdMapping {
+                source: a.clone(),
+                target: t2.clone(),
+            },
+        ];
+        s.dead_letters = vec![letter(2, 30, "first"), letter(3, 20, "second")];
+        let task = |id: &str, handler: &str| {
+            TaskChange::Enqueue(DeferredTask::new(
+                id,
+                handler,
+                account("T-1"),
+                serde_json::Value::Null,
+                1,
+            ))
+        };
+        s.tasks = vec![
+            task("b", "first"),
+            task("a", "h"),
+            task("b", "second"),
+            TaskChange::Done { id: "b".into() },
+            task("c", "h"),
+        ];
+        let rows = Rows::of(&s).unwrap();
+        assert_eq!(rows.processed, ["e-1", "e-2", "e-3"]);
+        let versions: Vec<(&str, i64, bool)> = rows
+            .versions
+            .iter()
+            .map(|(r, v, d)| (r.address.key.as_str(), *v, *d))
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                (
+                    r#"{"alternate":{"accountnumber":{"string":"A-0"}}}"#,
+                    3,
+                    false
+                ),
+                (
+                    r#"{"alternate":{"accountnumber":{"string":"A-1"}}}"#,
+                    5,
+                    false
+                ),
+            ],
+            "the highest version per record, the first of equal ones, sorted"
+        );
+        assert_eq!(rows.id_map.len(), 1);
+        assert_eq!(rows.id_map[0].1, Address::of(&t2).unwrap(), "the last wins");
+        assert_eq!(rows.dead_letters.len(), 1);
+        let merged = &rows.dead_letters[0];
+        assert_eq!(
+            (
+                merged.attempts,
+                merged.first_failed_ms,
+                merged.last_failed_ms
+            ),
+            (5, 20, 20)
+        );
+        assert!(merged.error.ends_with("second"));
+        let runs: Vec<Vec<(&str, &str)>> = rows
+            .tasks
+            .iter()
+            .filter_map(|step| match step {
+                TaskStep::Enqueue(run) => Some(
+                    run.iter()
+                        .map(|t| (t.id.as_str(), t.handler.as_str()))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                vec![("a", "h"), ("b", "first"), ("b", "second")],
+                vec![("c", "h")]
+            ],
+            "runs of enqueues, sorted by id, the first of an id first"
+        );
+        assert!(matches!(rows.tasks[1], TaskStep::Done { .. }));
+    }
+
+    #[test]
+    fn values_above_i64_max_are_refused_by_name() {
+        let a = SourceRecord::new("us", account("A-1"));
+        let mut s = Settlement::at(10);
+        s.events = vec![settled("e", &a, u64::MAX, false)];
+        let err = Rows::of(&s).unwrap_err();
+        assert!(err.to_string().contains("applied version"), "{err}");
+        assert!(!err.is_retryable());
+        let relabelled = relabel(err, "ledger sqlite:x.db");
+        assert!(relabelled.to_string().starts_with("ledger sqlite:x.db:"));
+    }
+
+    #[test]
+    fn unknown_and_negative_totals() {
+        let stats = totals_from(
+            "b",
+            vec![("applied".into(), 3), ("from_the_future".into(), 9)],
+        )
+        .unwrap();
+        assert_eq!(stats.applied, 3);
+        let err = totals_from("b", vec![("applied".into(), -1)]).unwrap_err();
+        assert!(err.to_string().contains("'totals'"), "{err}");
     }
 }
