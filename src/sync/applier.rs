@@ -2,7 +2,7 @@
 //! settles every event (applied, skipped with a reason, or dead-lettered).
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,9 +140,11 @@ impl ApplierBuilder {
     }
 
     /// The name under which the target appears as a change source to the other direction of a two-way sync.
-    /// Every write is then remembered in the ledger with the row version it produced
-    /// (an [`OwnWrite`](crate::sync::OwnWrite) in the settlement), and an event from a source whose record and version match one of them is
-    /// skipped as an echo. Unlike an origin column, this cannot mistake a later edit by someone else for an echo.
+    /// Every write is then remembered in the ledger with the row version it produced (an
+    /// [`OwnWrite`](crate::sync::OwnWrite) in the settlement), and events are checked against the own writes of
+    /// the other direction: one whose source, record and version match is skipped as an echo. Set it on both
+    /// directions of a two-way sync (sharing one ledger). Unlike an origin column, this cannot mistake a later edit
+    /// by someone else for an echo.
     pub fn target_instance(mut self, name: impl Into<String>) -> Self {
         self.target_instance = Some(name.into());
         self
@@ -356,7 +358,7 @@ impl Applier {
         let mut prepared = Vec::new();
         for (i, step) in steps.iter_mut().enumerate() {
             if let Step::Write = step {
-                match self.prepare(&events[i], &view, &mut new_ids) {
+                match self.prepare(&events[i], &sources[i], &view, &mut new_ids) {
                     Ok(record) => prepared.push((i, record)),
                     Err(e) => *step = Step::Done(Err(e), 0),
                 }
@@ -420,7 +422,8 @@ impl Applier {
             own_writes: Vec::new(),
         };
         for event in events {
-            if self.target_instance.is_some() || !self.ignored_origins.is_empty() {
+            // Own writes exist only in a two-way sync, where both directions name their target instance.
+            if self.target_instance.is_some() {
                 query.own_writes.push(OwnWrite {
                     instance: event.source.clone(),
                     record: event.reference(),
@@ -447,16 +450,18 @@ impl Applier {
         let mut steps = Vec::with_capacity(events.len());
         let mut newest: HashMap<&SourceRecord, usize> = HashMap::new();
         for (i, event) in events.iter().enumerate() {
-            let own = OwnWrite {
-                instance: event.source.clone(),
-                record: event.reference(),
-                version: event.source_version,
+            let own_write = || {
+                view.own_writes.contains(&OwnWrite {
+                    instance: event.source.clone(),
+                    record: event.reference(),
+                    version: event.source_version,
+                })
             };
             let step = if event
                 .origin
                 .as_ref()
                 .is_some_and(|o| self.ignored_origins.contains(o))
-                || view.own_writes.contains(&own)
+                || (!view.own_writes.is_empty() && own_write())
             {
                 Step::Skip(Counter::Echo, Disposition::Echo)
             } else if !replay && view.processed.contains(&event.event_id) {
@@ -494,12 +499,12 @@ impl Applier {
     fn prepare(
         &self,
         event: &ChangeEvent,
+        source: &SourceRecord,
         view: &LedgerView,
         new_ids: &mut HashMap<SourceRecord, EntityRef>,
     ) -> Result<Record> {
         let mut record = self.mapping.apply(event)?;
-        let source = event.source_record();
-        if let Some(target) = self.resolve(&source, record.table(), view, new_ids) {
+        if let Some(target) = self.resolve(source, record.table(), view, new_ids) {
             record.reference = target;
         }
         if event.is_delete() {
@@ -733,6 +738,7 @@ impl Applier {
         let max_attempts = self.retry.max_attempts.max(1);
         let mut done = Vec::with_capacity(pending.len());
         let mut attempt = 0u32;
+        let mut adopted = HashSet::new();
         let started = tokio::time::Instant::now();
         // A transient failure that outlived the policy says so: a replay may succeed without any fix.
         let give_up = |e: Error, attempt: u32| match e.is_retryable() {
@@ -819,8 +825,9 @@ impl Applier {
                             ) if self.check_target && attempt < max_attempts => {
                                 pending.push((i, record))
                             }
+                            // Not a failure but a redirect: allowed once per record, whatever attempts are left.
                             Err(Error::DuplicateKey { existing, key, .. })
-                                if self.check_target && attempt < max_attempts =>
+                                if self.check_target && adopted.insert(i) =>
                             {
                                 let mut record = record;
                                 match self.adopt(&sources[i], &mut record, existing).await {
