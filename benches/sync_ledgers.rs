@@ -4,7 +4,8 @@
 //! `cargo bench --bench sync_ledgers` prints:
 //!
 //! * **ledgers**: 20,000 events (2,000 accounts × 10 versions, in order) applied by `SyncWorker::run_once` in
-//!   batches of 500 to a `MemoryStore`, with `MemoryLedger`, `SqliteLedger` (a file, WAL, `synchronous=FULL`) and
+//!   batches of 500 to a `MemoryStore`, with `MemoryLedger`, `SqliteLedger` (a file, WAL, `synchronous=FULL`, and
+//!   `SqliteDurability::Normal`) and
 //!   `PostgresLedger` (at `DATABASE_URL`, in a fresh schema; skipped, saying so, when it is unset): events per
 //!   second and the ratio to the memory ledger, all in one run, three rounds each (median);
 //! * **soak**: 1,000,000 events (10,000 accounts × 100 versions) through the worker with a `SqliteLedger`, pruned as
@@ -22,7 +23,7 @@ use eventual_upsert::memory::MemoryStore;
 use eventual_upsert::schema::{Schema, TableSchema};
 use eventual_upsert::sync::{
     Applier, ChangeBatch, ChangeEvent, ChangeSource, Ledger, MemoryLedger, PostgresLedger,
-    Retention, SqliteLedger, SyncWorker, WorkerSettings,
+    Retention, SqliteDurability, SqliteLedger, SyncWorker, WorkerSettings,
 };
 use eventual_upsert::{
     EnsuringWriter, EntityRef, Policies, Record, RecordStore, Result, TablePolicy,
@@ -127,7 +128,8 @@ async fn drain(records: u64, versions: u64, ledger: Arc<dyn Ledger>) -> BoxResul
     let elapsed = started.elapsed();
     let totals = ledger.totals().await?;
     // Older versions of a record in the same batch are superseded (stale) by its newest one.
-    if totals.applied + totals.stale != total || totals.received != total || !totals.is_accounted() {
+    if totals.applied + totals.stale != total || totals.received != total || !totals.is_accounted()
+    {
         return Err(format!("not every event was settled: {totals}").into());
     }
     let last = store
@@ -145,18 +147,16 @@ async fn ledgers(records: u64, versions: u64, rounds: usize) -> BoxResult<()> {
     let dir = std::env::temp_dir().join(format!("sync-ledgers-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     let url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
-    let (mut memory, mut sqlite, mut postgres) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut memory, mut sqlite, mut normal, mut postgres) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         memory.push(drain(records, versions, Arc::new(MemoryLedger::new())).await?);
         let path = dir.join(format!("ledger-{round}.db"));
-        sqlite.push(
-            drain(
-                records,
-                versions,
-                Arc::new(SqliteLedger::open(&path).await?),
-            )
-            .await?,
-        );
+        let ledger = SqliteLedger::open(&path).await?;
+        sqlite.push(drain(records, versions, Arc::new(ledger)).await?);
+        let path = dir.join(format!("ledger-{round}-normal.db"));
+        let ledger = SqliteLedger::open_with(&path, SqliteDurability::Normal).await?;
+        normal.push(drain(records, versions, Arc::new(ledger)).await?);
         if let Some(url) = &url {
             let schema = format!("bench_{}", Uuid::new_v4().simple());
             let ledger = PostgresLedger::connect(url).with_schema(&schema).await?;
@@ -184,9 +184,10 @@ async fn ledgers(records: u64, versions: u64, rounds: usize) -> BoxResult<()> {
         false => line("PostgresLedger", median(postgres)),
     };
     println!(
-        "ledgers, {events} events in batches of {BATCH} (median of {rounds}): MemoryLedger {:.0} events/s; {}; {postgres}",
+        "ledgers, {events} events in batches of {BATCH} (median of {rounds}): MemoryLedger {:.0} events/s; {}; {}; {postgres}",
         rate(memory),
-        line("SqliteLedger", median(sqlite)),
+        line("SqliteLedger (FULL)", median(sqlite)),
+        line("SqliteLedger (NORMAL)", median(normal)),
     );
     Ok(())
 }

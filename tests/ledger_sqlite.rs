@@ -8,7 +8,7 @@ use std::sync::Arc;
 use eventual_upsert::sync::ChangeEvent;
 use eventual_upsert::sync::{
     AppliedVersion, Checkpoint, DeadLetter, DeferredTask, IdMapping, Ledger, LedgerQuery, OwnWrite,
-    SettledEvent, Settlement, SourceRecord, SqliteLedger, TaskChange, TaskStatus,
+    SettledEvent, Settlement, SourceRecord, SqliteDurability, SqliteLedger, TaskChange, TaskStatus,
     ledger_conformance,
 };
 use eventual_upsert::{EntityRef, Error, Record};
@@ -83,6 +83,21 @@ async fn run_all_behind_a_shared_pointer() {
     let ledger: Arc<dyn Ledger> =
         Arc::new(SqliteLedger::open(dir.file("ledger.db")).await.unwrap());
     ledger_conformance::run_all(&ledger).await;
+}
+
+#[tokio::test]
+async fn run_all_with_normal_durability_and_reopen() {
+    let dir = TempDir::new();
+    let path = dir.file("ledger.db");
+    let ledger = SqliteLedger::open_with(&path, SqliteDurability::Normal)
+        .await
+        .unwrap();
+    ledger_conformance::run_all(&ledger).await;
+    let totals = ledger.totals().await.unwrap();
+    ledger.close().await;
+    // A clean close with NORMAL keeps everything, like FULL; the file reopens with either setting.
+    let reopened = SqliteLedger::open(&path).await.unwrap();
+    assert_eq!(reopened.totals().await.unwrap(), totals);
 }
 
 #[tokio::test]

@@ -64,14 +64,14 @@ pub use applier::{Applier, ApplierBuilder, Disposition, ReplayReport};
 #[cfg(feature = "dataverse")]
 pub use dataverse_source::DataverseChangeSource;
 pub use event::{ChangeEvent, ChangeKind, SCHEMA_VERSION};
-#[cfg(feature = "sqlite")]
-pub use ledger::SqliteLedger;
 pub use ledger::{
     AppliedVersion, Checkpoint, DeadLetter, IdMapping, Ledger, LedgerQuery, LedgerSnapshot,
     LedgerView, MemoryLedger, OwnWrite, Pruned, Retention, SettledEvent, Settlement, SourceRecord,
 };
 #[cfg(feature = "postgres")]
 pub use ledger::{PostgresLedger, PostgresLedgerBuilder};
+#[cfg(feature = "sqlite")]
+pub use ledger::{SqliteDurability, SqliteLedger};
 pub use mapping::{Mapping, TableMapping, UnknownValue, ValueMap};
 pub use source::{ChangeBatch, ChangeSource, JsonLinesSource, Pipeline, QueueSource};
 pub use stats::{Counter, SyncCounters, SyncStats};

@@ -32,7 +32,7 @@ pub use memory::{LedgerSnapshot, MemoryLedger};
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresLedger, PostgresLedgerBuilder};
 #[cfg(feature = "sqlite")]
-pub use sqlite::SqliteLedger;
+pub use sqlite::{SqliteDurability, SqliteLedger};
 
 /// A record at a source instance: the source's name and the record's table and key there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

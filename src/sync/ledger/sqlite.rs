@@ -101,6 +101,21 @@ enum Found {
     Ledger(i64),
 }
 
+/// How hard a [`SqliteLedger`] pushes each settlement to disk (SQLite's `synchronous` setting, in WAL mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SqliteDurability {
+    /// `synchronous=FULL` (the default): the write-ahead log is synced at every commit, so a settled batch survives
+    /// a power loss or an OS crash too.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: a settled batch survives any crash or kill of the process, but a power loss or an OS
+    /// crash may undo the last few settlements (the file stays consistent; the undone batches are read again from
+    /// the source's checkpoint, so nothing is lost where the source keeps its changes). Faster: one sync per
+    /// checkpoint of the log instead of per commit.
+    Normal,
+}
+
 impl SqliteLedger {
     /// Opens the ledger in the SQLite file at `path`, creating the file if it is missing and bringing its schema
     /// up to date.
@@ -111,6 +126,15 @@ impl SqliteLedger {
     /// [`Error::LedgerSchemaTooNew`] when a newer build wrote it (both leave the file untouched), and
     /// [`Error::Backend`] when it cannot be opened or written.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, SqliteDurability::Full).await
+    }
+
+    /// [`open`](Self::open) with a choice of how hard each settlement is pushed to disk.
+    pub async fn open_with(path: impl AsRef<Path>, durability: SqliteDurability) -> Result<Self> {
+        let synchronous = match durability {
+            SqliteDurability::Full => SqliteSynchronous::Full,
+            SqliteDurability::Normal => SqliteSynchronous::Normal,
+        };
         let path = path.as_ref().to_path_buf();
         let backend: Arc<str> = format!("ledger sqlite:{}", path.display()).into();
         let db = |operation: &str, err| map_sqlx(&backend, operation, err, classify);
@@ -136,7 +160,7 @@ impl SqliteLedger {
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(synchronous)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new()
@@ -149,7 +173,7 @@ impl SqliteLedger {
         let reader_options = SqliteConnectOptions::new()
             .filename(&path)
             .read_only(true)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(synchronous)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let reader = SqlitePoolOptions::new()
