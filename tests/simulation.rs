@@ -1,21 +1,71 @@
-//! Deterministic, seeded fault-injection simulation of the sync pipeline (issue 4, item 7).
+//! Deterministic, seeded fault-injection simulation of the sync pipeline (issue 4, item 7), on the memory, SQLite
+//! and PostgreSQL ledgers (issue 9, items 8 and 9).
 //!
 //! ```sh
-//! cargo test --test simulation                                           # seeds 0..1000 (SIM_SEEDS=n for 0..n)
-//! SIM_SEED=42 cargo test --test simulation                               # one seed: replays a failure exactly
+//! cargo test --test simulation                                 # memory 0..1000, SQLite 0..50, PostgreSQL 0..20
+//! SIM_LEDGER=sqlite SIM_SEED=42 cargo test --test simulation   # one seed on one ledger: replays a failure exactly
+//! SIM_LEDGER=postgres SIM_SEEDS=200 cargo test --test simulation           # seeds 0..200 on PostgreSQL only
 //! SIM_SEEDS=100000 cargo test --release --test simulation -- --nocapture # the long run, with its summary line
 //! ```
+//!
+//! # Ledgers
+//!
+//! Three tests play the seeds, each on its own ledger: `simulation` on a [`MemoryLedger`] (seeds `0..SIM_SEEDS`,
+//! default 1000), `simulation_sqlite` on a [`SqliteLedger`] in a new file per seed (`0..SIM_SQLITE_SEEDS`,
+//! default 50; the files go to `SIM_SQLITE_DIR`, else `/dev/shm` if there is one, else the temporary directory:
+//! see [`sqlite_dir`]) and `simulation_postgres` on a [`PostgresLedger`] in a new schema per seed of the database
+//! at `DATABASE_URL`, dropped after (`0..SIM_POSTGRES_SEEDS`, default 20; skipped, saying so, when
+//! `DATABASE_URL` is unset). `SIM_LEDGER=memory|sqlite|postgres` or `SIM_SEED=n` selects: `simulation` then plays
+//! that ledger (default memory) and those seeds (`SIM_SEEDS` defaulting to the ledger's default), and the other
+//! two tests skip, saying so. A failing seed prints the command that replays it.
+//!
+//! Whatever the ledger, the workers reach it through the same wrapper ([`SlowLedger`]: latency, and failures
+//! injected there, so every backend sees the same faults), and the end checks read it through the [`Ledger`]
+//! trait. A seed on a durable ledger plays the very schedule it plays on the memory ledger (see below), so every
+//! durable seed is also played on a [`MemoryLedger`], and the two runs must agree (same counters, crashes, kills,
+//! placeholders, aliases and LOB writes): a ledger that answers a call differently from the memory ledger shows up
+//! even where the end checks would not notice.
+//!
+//! # The paused clock and real I/O
+//!
+//! sqlx does real I/O (SQLite on a worker thread of its own, PostgreSQL over TCP), and a paused Tokio clock
+//! auto-advances to the next timer whenever the runtime has nothing to do, which includes waiting for that I/O.
+//! It bites at once: with the ledgers used in the simulation's runtime, `SqliteLedger::open` fails on a paused
+//! clock (sqlx's 30 s acquire timeout fires as soon as the runtime waits for the SQLite thread); opened before
+//! the clock is paused, 8 seeds out of 8 failed (the acquire timeout again, on lazily opened connections, or the
+//! clock jumping to the simulated-day bound while a query ran); a PostgreSQL ledger with a ten-year acquire
+//! timeout failed 10 seeds out of 10 at the simulated-day bound, the only timer left while a query is in flight.
+//! Generous timeouts cannot fix that (the bound, a worker's kill timer or a backoff would still fire during a
+//! query, at a point set by the machine's speed), and a real clock with the simulation's time scaled down would
+//! make the kills and every interleaving depend on the machine's speed too.
+//!
+//! So a durable ledger lives on a runtime of its own, with a real clock and IO (sqlx's timeouts are real and
+//! generous there), and the simulation calls it through [`RealClock`]: the call runs on that runtime while the
+//! simulation's thread blocks until it returns. Blocking a runtime's only thread is what makes this sound here: a
+//! blocked thread neither parks nor advances its clock, and nothing else in the simulation runs meanwhile. A ledger
+//! call is thus one step taking no simulated time, exactly like a [`MemoryLedger`] call (whose calls never
+//! yield); kills, backoffs and the bound fire only at simulated instants, and the schedule is the memory run's.
+//! (Waiting in `spawn_blocking` instead also stops the auto-advance, Tokio inhibits it while a blocking task runs,
+//! but the wait yields: the LOB's concurrent writes then run during the ledger call, and the schedule, still the
+//! same on SQLite and PostgreSQL, differs from the memory run's.) A call that takes more than a minute of real time
+//! fails the seed rather than hanging it.
+//!
+//! # The schedule
 //!
 //! Each seed plays a random schedule in its own single-threaded Tokio runtime whose clock is paused: outages,
 //! backoffs, `Retry-After` waits and breaker pauses cost no real time, and the same seed always makes the same
 //! schedule. The world is a source instance ("us", the system of record) and a target instance ("eu"), both
 //! [`MemoryStore`]s with one schema, and one sync direction us → eu: a [`QueueSource`] fed by a "network" that
-//! duplicates and reorders events, and a [`Pipeline`] whose worker crashes and restarts from its [`MemoryLedger`].
+//! duplicates and reorders events, and a [`Pipeline`] whose worker crashes and restarts from its ledger.
 //! Meanwhile a line-of-business app (LOB) writes to the target: contacts that reference accounts the sync may not
 //! have delivered yet (ensure-then-write creates placeholders) and notes in a target-owned column. The target
 //! fails on schedule (outages, transient failures, 429s, latency), and so does the ledger (failures, latency).
 //! Polls and dead-letter replays sometimes run concurrently with LOB writes and new faults, and sometimes the
-//! worker is killed halfway (its future dropped at an await point after a random simulated time).
+//! worker is killed halfway (its future dropped at an await point after a random simulated time). The ledger's
+//! latency is such an await point before every call, so a worker is killed between its write to the target and
+//! the ledger's settlement of it, on every backend. A ledger call itself is one step that is never cut (see "The
+//! paused clock" above): a kill finds a settlement either committed or not begun, and the restarted worker starts
+//! from what the ledger committed.
 //!
 //! Records are addressed both ways (issue 9). `accountnumber` is account's alternate key at both instances; the
 //! sync's events address accounts by source GUID, as a change feed does, and carry the number. The LOB names an
@@ -41,24 +91,34 @@
 //!    count);
 //! 4. no write ever lowered a record's source version, and no placeholder write ever landed on an existing
 //!    record (a recording wrapper around the target checks every write as it happens);
-//! 5. every event is accounted for: the statistics of every worker incarnation add up, every delivered event is
-//!    in the ledger, and the dead letters are exactly the poison events, with their payloads.
+//! 5. every event is accounted for: the statistics of every worker incarnation add up (and equal the ledger's
+//!    running totals), every delivered event is in the ledger, the saved checkpoint is the end of the queue, and
+//!    the dead letters are exactly the poison events, with their payloads.
+//!
+//! The checks read the ledger through the [`Ledger`] trait, the same way on every backend.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use uuid::Uuid;
 
 use eventual_upsert::memory::{Fault, MemoryStore};
 use eventual_upsert::schema::{ColumnType, Schema, TableSchema};
 use eventual_upsert::sync::{
     Applier, ChangeEvent, DeadLetter, DeferredTask, Ledger, LedgerQuery, LedgerView, Mapping,
-    MemoryLedger, Pipeline, Pruned, QueueSource, Retention, Settlement, SourceRecord, SyncStats,
+    MemoryLedger, Pipeline, PostgresLedger, Pruned, QueueSource, Retention, Settlement,
+    SourceRecord, SqliteLedger, SyncStats,
 };
 use eventual_upsert::{
     BreakerConfig, Change, ColumnName, Delete, DeleteOutcome, Ensured, EnsuringWriter, EntityRef,
@@ -81,30 +141,76 @@ const MAX_CONTACTS: usize = 10;
 /// The country value map of the mapping; anything else is rejected (the poison events use "XX").
 const COUNTRIES: [(&str, &str); 3] = [("US", "USA"), ("DE", "DEU"), ("FR", "FRA")];
 
+/// The selected run: `SIM_LEDGER` (default memory), seeds `0..SIM_SEEDS` or the one `SIM_SEED`.
 #[test]
 fn simulation() {
-    let seeds: Vec<u64> = match env_u64("SIM_SEED") {
+    let backend = Backend::selected().unwrap_or(Backend::Memory);
+    let seeds = match env_u64("SIM_SEED") {
         Some(seed) => vec![seed],
-        None => (0..env_u64("SIM_SEEDS").unwrap_or(1000)).collect(),
+        None => (0..env_u64("SIM_SEEDS").unwrap_or_else(|| backend.default_seeds())).collect(),
+    };
+    play(backend, &seeds);
+}
+
+/// The crash step against the SQLite ledger: seeds `0..SIM_SQLITE_SEEDS` (default 50), a new file each.
+#[test]
+fn simulation_sqlite() {
+    if let Some(why) = Backend::played_by_selection() {
+        eprintln!("skipping simulation_sqlite: {why}");
+        return;
+    }
+    let seeds: Vec<u64> = (0..Backend::Sqlite.default_seeds()).collect();
+    play(Backend::Sqlite, &seeds);
+}
+
+/// The crash step against the PostgreSQL ledger at `DATABASE_URL`: seeds `0..SIM_POSTGRES_SEEDS` (default 20), a
+/// new schema each.
+#[test]
+fn simulation_postgres() {
+    if let Some(why) = Backend::played_by_selection() {
+        eprintln!("skipping simulation_postgres: {why}");
+        return;
+    }
+    if database_url().is_none() {
+        eprintln!("skipping simulation_postgres: DATABASE_URL is not set");
+        return;
+    }
+    let seeds: Vec<u64> = (0..Backend::Postgres.default_seeds()).collect();
+    play(Backend::Postgres, &seeds);
+}
+
+/// Plays `seeds` on `backend` and prints the summary line; panics, saying how to replay it, at the first seed
+/// that fails.
+fn play(backend: Backend, seeds: &[u64]) {
+    let durable = match backend {
+        Backend::Memory => None,
+        _ => match Durable::new(backend) {
+            Ok(durable) => Some(durable),
+            Err(what) => panic!("simulation ({}): {what}", backend.name()),
+        },
     };
     let started = Instant::now();
     let mut total = Summary::default();
-    for &seed in &seeds {
-        match run_seed(seed) {
+    for &seed in seeds {
+        match run_seed(seed, durable.as_ref()) {
             Ok(summary) => total.add(&summary),
             Err(what) => {
-                eprintln!("simulation failed for seed {seed}: {what}");
-                eprintln!("replay it with: SIM_SEED={seed} cargo test --test simulation");
-                panic!("simulation failed for seed {seed} (see above)");
+                let ledger = backend.name();
+                eprintln!("simulation failed for seed {seed} on the {ledger} ledger: {what}");
+                eprintln!(
+                    "replay it with: SIM_LEDGER={ledger} SIM_SEED={seed} cargo test --test simulation"
+                );
+                panic!("simulation failed for seed {seed} on the {ledger} ledger (see above)");
             }
         }
     }
     let secs = started.elapsed().as_secs_f64();
     let s = &total.stats;
     println!(
-        "simulation: {} seeds in {secs:.1} s ({:.0} seeds/s); {} events received, {} duplicate, {} stale, {} echo, \
-         {} dead-lettered ({} poison), {} replayed, {} retried, {} worker crashes ({} killed mid-poll), \
-         {} placeholders hydrated ({} made by account number, hydrated by GUID), {} LOB writes",
+        "simulation ({} ledger): {} seeds in {secs:.1} s ({:.0} seeds/s); {} events received, {} duplicate, \
+         {} stale, {} echo, {} dead-lettered ({} poison), {} replayed, {} retried, {} worker crashes ({} killed \
+         mid-poll), {} placeholders hydrated ({} made by account number, hydrated by GUID), {} LOB writes",
+        backend.name(),
         seeds.len(),
         seeds.len() as f64 / secs.max(1e-9),
         s.received,
@@ -131,8 +237,94 @@ fn env_u64(name: &str) -> Option<u64> {
     }
 }
 
-/// Plays one seed in its own runtime; a panic inside is reported as that seed's failure.
-fn run_seed(seed: u64) -> std::result::Result<Summary, String> {
+fn database_url() -> Option<String> {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// The ledger the workers use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// A [`MemoryLedger`], on the simulation's paused clock.
+    Memory,
+    /// A [`SqliteLedger`] in a new temporary file per seed.
+    Sqlite,
+    /// A [`PostgresLedger`] in a new schema per seed of the database at `DATABASE_URL`, dropped after.
+    Postgres,
+}
+
+impl Backend {
+    /// `SIM_LEDGER`, if set.
+    fn selected() -> Option<Backend> {
+        let text = std::env::var("SIM_LEDGER").ok()?;
+        Some(match text.trim() {
+            "memory" => Backend::Memory,
+            "sqlite" => Backend::Sqlite,
+            "postgres" => Backend::Postgres,
+            other => panic!("SIM_LEDGER={other:?}: expected memory, sqlite or postgres"),
+        })
+    }
+
+    /// Why the backend tests leave their run to `simulation`: a ledger or a seed was selected.
+    fn played_by_selection() -> Option<&'static str> {
+        match (Backend::selected(), env_u64("SIM_SEED")) {
+            (Some(_), _) => Some("SIM_LEDGER is set; the `simulation` test plays that ledger"),
+            (None, Some(_)) => Some("SIM_SEED is set; the `simulation` test replays that seed"),
+            (None, None) => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    /// How many seeds a run plays unless told otherwise.
+    fn default_seeds(self) -> u64 {
+        match self {
+            Backend::Memory => 1000,
+            Backend::Sqlite => env_u64("SIM_SQLITE_SEEDS").unwrap_or(50),
+            Backend::Postgres => env_u64("SIM_POSTGRES_SEEDS").unwrap_or(20),
+        }
+    }
+}
+
+/// Plays one seed in its own runtime, on a fresh ledger of the backend (`durable`, or a [`MemoryLedger`]); a
+/// panic inside is reported as that seed's failure. A durable ledger is removed afterwards, whatever happened.
+fn run_seed(seed: u64, durable: Option<&Durable>) -> std::result::Result<Summary, String> {
+    let Some(durable) = durable else {
+        return play_seed(seed, Arc::new(MemoryLedger::new()));
+    };
+    let ledger = durable.open(seed)?;
+    let played = play_seed(
+        seed,
+        Arc::new(RealClock {
+            inner: ledger.ledger(),
+            runtime: durable.runtime.handle().clone(),
+        }),
+    );
+    let removed = durable.remove(ledger);
+    let summary = played?;
+    removed?;
+    // A ledger call takes no simulated time on any backend, so the seed plays the very schedule it plays on the
+    // memory ledger, and every ledger that keeps the contract answers every call alike: the runs must agree.
+    let on_memory = play_seed(seed, Arc::new(MemoryLedger::new()))
+        .map_err(|what| format!("passed, but failed on the memory ledger: {what}"))?;
+    if summary != on_memory {
+        return Err(format!(
+            "the seed played differently on the memory ledger (a ledger answered a call differently, or the \
+             schedule is not deterministic):\n  {}: {summary:?}\n  memory: {on_memory:?}",
+            durable.backend.name()
+        ));
+    }
+    Ok(summary)
+}
+
+fn play_seed(seed: u64, ledger: Arc<dyn Ledger>) -> std::result::Result<Summary, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -141,7 +333,8 @@ fn run_seed(seed: u64) -> std::result::Result<Summary, String> {
     let played = std::panic::catch_unwind(AssertUnwindSafe(|| {
         runtime.block_on(async {
             // A bug that makes the pipeline wait forever shows up as a simulated day going by, not a hung test.
-            match tokio::time::timeout(Duration::from_secs(24 * 3600), simulate(seed)).await {
+            match tokio::time::timeout(Duration::from_secs(24 * 3600), simulate(seed, ledger)).await
+            {
                 Ok(result) => result,
                 Err(_) => Err("the run did not finish within a simulated day".into()),
             }
@@ -159,8 +352,247 @@ fn run_seed(seed: u64) -> std::result::Result<Summary, String> {
     }
 }
 
+/// The durable ledgers' own runtime, with a real clock and IO, and where their ledgers live (see the header:
+/// the paused clock).
+struct Durable {
+    backend: Backend,
+    runtime: tokio::runtime::Runtime,
+    /// For PostgreSQL.
+    url: Option<String>,
+}
+
+/// One seed's durable ledger.
+enum DurableLedger {
+    Sqlite {
+        ledger: Arc<SqliteLedger>,
+        path: PathBuf,
+    },
+    Postgres {
+        ledger: Arc<PostgresLedger>,
+        schema: String,
+    },
+}
+
+impl DurableLedger {
+    fn ledger(&self) -> Arc<dyn Ledger> {
+        match self {
+            DurableLedger::Sqlite { ledger, .. } => ledger.clone(),
+            DurableLedger::Postgres { ledger, .. } => ledger.clone(),
+        }
+    }
+}
+
+impl Durable {
+    fn new(backend: Backend) -> std::result::Result<Durable, String> {
+        let url = match backend {
+            Backend::Postgres => {
+                Some(database_url().ok_or("the PostgreSQL ledger needs DATABASE_URL")?)
+            }
+            _ => None,
+        };
+        // One worker thread: the simulation makes one ledger call at a time.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot build the ledger's runtime: {e}"))?;
+        Ok(Durable {
+            backend,
+            runtime,
+            url,
+        })
+    }
+
+    /// A new, empty ledger for `seed`.
+    fn open(&self, seed: u64) -> std::result::Result<DurableLedger, String> {
+        let unique = Uuid::new_v4().simple();
+        match (self.backend, &self.url) {
+            (Backend::Postgres, Some(url)) => {
+                let schema = format!("sim_{seed}_{unique}");
+                let options = PgConnectOptions::from_str(url)
+                    .map_err(|e| format!("DATABASE_URL does not parse: {e}"))?
+                    // Commits need not wait for the server's disk: the simulation kills workers, not the
+                    // database server, and asynchronous commit changes nothing that a session or another
+                    // connection sees (atomicity, isolation and order stay as they are).
+                    .options([("synchronous_commit", "off")]);
+                let pool = {
+                    let _entered = self.runtime.enter();
+                    PgPoolOptions::new()
+                        .max_connections(2)
+                        .connect_lazy_with(options)
+                };
+                let ledger = self
+                    .runtime
+                    .block_on(PostgresLedger::from_pool(pool).with_schema(&schema).open())
+                    .map_err(|e| {
+                        format!("cannot open a PostgreSQL ledger in schema {schema}: {e}")
+                    })?;
+                Ok(DurableLedger::Postgres {
+                    ledger: Arc::new(ledger),
+                    schema,
+                })
+            }
+            _ => {
+                let path = sqlite_dir().join(format!("eventual-upsert-sim-{seed}-{unique}.db"));
+                let ledger = self
+                    .runtime
+                    .block_on(SqliteLedger::open(&path))
+                    .map_err(|e| {
+                        format!("cannot open a SQLite ledger at {}: {e}", path.display())
+                    })?;
+                Ok(DurableLedger::Sqlite {
+                    ledger: Arc::new(ledger),
+                    path,
+                })
+            }
+        }
+    }
+
+    /// Closes the ledger and removes it: its file (and the WAL's), or its schema.
+    fn remove(&self, ledger: DurableLedger) -> std::result::Result<(), String> {
+        // The pools are dropped in the runtime they live in.
+        let _entered = self.runtime.enter();
+        match ledger {
+            DurableLedger::Sqlite { ledger, path } => {
+                self.runtime.block_on(ledger.close());
+                drop(ledger);
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut file = path.clone().into_os_string();
+                    file.push(suffix);
+                    match std::fs::remove_file(&file) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(format!("cannot remove {}: {e}", path.display())),
+                    }
+                }
+                Ok(())
+            }
+            DurableLedger::Postgres { ledger, schema } => self.runtime.block_on(async {
+                ledger.pool().close().await;
+                drop(ledger);
+                let url = self.url.as_deref().unwrap_or_default();
+                let mut conn = PgConnection::connect(url)
+                    .await
+                    .map_err(|e| format!("cannot connect to drop schema {schema}: {e}"))?;
+                let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                )))
+                .execute(&mut conn)
+                .await;
+                let _ = conn.close().await;
+                dropped
+                    .map(drop)
+                    .map_err(|e| format!("cannot drop schema {schema}: {e}"))
+            }),
+        }
+    }
+}
+
+/// Where the SQLite ledgers' files go: `SIM_SQLITE_DIR`, else a RAM-backed directory if the machine has one
+/// (`/dev/shm`), else the temporary directory. The simulation kills workers, not machines, so the ledger's
+/// fsyncs (WAL, `synchronous=FULL`) protect against nothing here, and on a disk they cost the run most of its
+/// time.
+fn sqlite_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SIM_SQLITE_DIR") {
+        return dir.into();
+    }
+    let shm = Path::new("/dev/shm");
+    match shm.is_dir() {
+        true => shm.to_owned(),
+        false => std::env::temp_dir(),
+    }
+}
+
+/// A durable ledger as the simulation reaches it: each call runs on the ledger's own runtime (real clock, real
+/// IO), and the simulation's thread blocks until it returns (see the header: the paused clock). A call is then
+/// one step that takes no simulated time and lets nothing else run meanwhile, exactly like a [`MemoryLedger`]
+/// call, so a seed plays the same schedule on every backend. A call that takes more than a minute of real time
+/// fails the seed instead of hanging it.
+#[derive(Debug)]
+struct RealClock {
+    inner: Arc<dyn Ledger>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RealClock {
+    fn call<T, F, Fut>(&self, what: &'static str, call: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<dyn Ledger>) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let call = call(self.inner.clone());
+        self.runtime.spawn(async move {
+            // The receiver is gone only if the simulation gave up waiting.
+            let _ = done.send(call.await);
+        });
+        match result.recv_timeout(Duration::from_secs(60)) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("the ledger's {what} took more than a minute of real time")
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!("the ledger's {what} panicked"),
+        }
+    }
+}
+
+#[async_trait]
+impl Ledger for RealClock {
+    async fn lookup(&self, query: &LedgerQuery) -> Result<LedgerView> {
+        let query = query.clone();
+        self.call("lookup", move |l| async move { l.lookup(&query).await })
+    }
+    async fn settle(&self, settlement: &Settlement) -> Result<()> {
+        let settlement = settlement.clone();
+        self.call(
+            "settle",
+            move |l| async move { l.settle(&settlement).await },
+        )
+    }
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>> {
+        let source = source.to_owned();
+        self.call(
+            "checkpoint",
+            move |l| async move { l.checkpoint(&source).await },
+        )
+    }
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        self.call("dead_letters", move |l| async move {
+            l.dead_letters(limit).await
+        })
+    }
+    async fn dead_letter_count(&self) -> Result<usize> {
+        self.call("dead_letter_count", |l| async move {
+            l.dead_letter_count().await
+        })
+    }
+    async fn claim_tasks(
+        &self,
+        now_ms: u64,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<DeferredTask>> {
+        self.call("claim_tasks", move |l| async move {
+            l.claim_tasks(now_ms, lease, limit).await
+        })
+    }
+    async fn tasks(&self, limit: usize) -> Result<Vec<DeferredTask>> {
+        self.call("tasks", move |l| async move { l.tasks(limit).await })
+    }
+    async fn totals(&self) -> Result<SyncStats> {
+        self.call("totals", |l| async move { l.totals().await })
+    }
+    async fn prune(&self, retention: &Retention, now_ms: u64) -> Result<Pruned> {
+        let retention = *retention;
+        self.call("prune", move |l| async move {
+            l.prune(&retention, now_ms).await
+        })
+    }
+}
+
 /// What one seed did, for the summary line.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Summary {
     stats: SyncStats,
     crashes: u64,
@@ -543,37 +975,69 @@ fn addresses(reference: &EntityRef, stored: &StoredRecord) -> bool {
     }
 }
 
-/// The ledger as the workers see it: the [`MemoryLedger`] behind a configurable latency, as a durable ledger
-/// would have. Every call then is an await point, where a worker can be killed (say between its write to the
-/// target and the ledger's record of it) and where concurrent faults land.
+/// The ledger as the workers see it: the simulation's ledger (memory, SQLite or PostgreSQL) behind a configurable
+/// latency, as a durable ledger would have, and injected failures. Every call then is an await point, where a
+/// worker can be killed (say between its write to the target and the ledger's record of it) and where concurrent
+/// faults land.
+///
+/// The failures are injected here rather than in the ledger, so that every backend sees the same schedule: after
+/// its latency, a call fails with a retryable [`Error::Unavailable`] while [`fail_next`](Self::fail_next) has
+/// calls left, and reaches the ledger otherwise (a failed call changes nothing).
 ///
 /// It also dates dead letters by the simulation's clock: the applier stamps them with the wall clock, and the
 /// ledger replays them oldest first, so wall-clock stamps would make the replay order (and a failing seed)
 /// depend on how fast the machine ran.
 #[derive(Debug)]
 struct SlowLedger {
-    inner: Arc<MemoryLedger>,
+    inner: Arc<dyn Ledger>,
     latency: Mutex<Duration>,
+    /// Calls left to fail.
+    failing: Mutex<u32>,
     epoch: tokio::time::Instant,
 }
 
 impl SlowLedger {
-    async fn pause(&self) {
+    fn new(inner: Arc<dyn Ledger>) -> Self {
+        SlowLedger {
+            inner,
+            latency: Mutex::new(Duration::ZERO),
+            failing: Mutex::new(0),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Makes the next `calls` calls fail (replacing any earlier count; 0 ends the failures).
+    fn fail_next(&self, calls: u32) {
+        *lock(&self.failing) = calls;
+    }
+
+    /// The latency, then the injected failure if one is due.
+    async fn pause(&self) -> Result<()> {
         let latency = *lock(&self.latency);
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
+        let mut failing = lock(&self.failing);
+        if *failing == 0 {
+            return Ok(());
+        }
+        *failing -= 1;
+        Err(Error::Unavailable {
+            backend: "ledger (simulated)".into(),
+            reason: "injected failure".into(),
+            retry_after: None,
+        })
     }
 }
 
 #[async_trait]
 impl Ledger for SlowLedger {
     async fn lookup(&self, query: &LedgerQuery) -> Result<LedgerView> {
-        self.pause().await;
+        self.pause().await?;
         self.inner.lookup(query).await
     }
     async fn settle(&self, settlement: &Settlement) -> Result<()> {
-        self.pause().await;
+        self.pause().await?;
         let now_ms = 1_700_000_000_000 + self.epoch.elapsed().as_millis() as u64;
         let mut settlement = settlement.clone();
         for letter in &mut settlement.dead_letters {
@@ -582,15 +1046,15 @@ impl Ledger for SlowLedger {
         self.inner.settle(&settlement).await
     }
     async fn checkpoint(&self, source: &str) -> Result<Option<String>> {
-        self.pause().await;
+        self.pause().await?;
         self.inner.checkpoint(source).await
     }
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
-        self.pause().await;
+        self.pause().await?;
         self.inner.dead_letters(limit).await
     }
     async fn dead_letter_count(&self) -> Result<usize> {
-        self.pause().await;
+        self.pause().await?;
         self.inner.dead_letter_count().await
     }
     async fn claim_tasks(
@@ -599,19 +1063,19 @@ impl Ledger for SlowLedger {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<DeferredTask>> {
-        self.pause().await;
+        self.pause().await?;
         self.inner.claim_tasks(now_ms, lease, limit).await
     }
     async fn tasks(&self, limit: usize) -> Result<Vec<DeferredTask>> {
-        self.pause().await;
+        self.pause().await?;
         self.inner.tasks(limit).await
     }
     async fn totals(&self) -> Result<SyncStats> {
-        self.pause().await;
+        self.pause().await?;
         self.inner.totals().await
     }
     async fn prune(&self, retention: &Retention, now_ms: u64) -> Result<Pruned> {
-        self.pause().await;
+        self.pause().await?;
         self.inner.prune(retention, now_ms).await
     }
 }
@@ -635,7 +1099,8 @@ struct World {
     source: Arc<MemoryStore>,
     target: Arc<MemoryStore>,
     recorder: Arc<RecordingStore>,
-    ledger: Arc<MemoryLedger>,
+    /// The ledger itself (memory, SQLite or PostgreSQL), for the simulation's own reads: no latency, no faults.
+    ledger: Arc<dyn Ledger>,
     /// The same ledger, as the workers reach it.
     slow_ledger: Arc<SlowLedger>,
     queue: Arc<QueueSource>,
@@ -649,7 +1114,7 @@ struct World {
 }
 
 impl World {
-    fn new(rng: &mut Rng) -> World {
+    fn new(rng: &mut Rng, ledger: Arc<dyn Ledger>) -> World {
         let schema = schema();
         let source = Arc::new(MemoryStore::new(schema.clone()).named(SOURCE));
         let target = Arc::new(MemoryStore::new(schema.clone()).named("eu"));
@@ -684,7 +1149,6 @@ impl World {
         let hydrations = HydrationCounts::default();
         let lob_writer = EnsuringWriter::new(recorder.clone()).with_policy(policy.clone());
         count_hydrations(&lob_writer, &hydrations);
-        let ledger = Arc::new(MemoryLedger::new());
         // Half the seeds apply each poll as one batch (`Applier::apply_batch`), half one event at a time.
         let batched = rng.percent(50);
         World {
@@ -693,11 +1157,7 @@ impl World {
             source,
             target,
             recorder,
-            slow_ledger: Arc::new(SlowLedger {
-                inner: ledger.clone(),
-                latency: Mutex::new(Duration::ZERO),
-                epoch: tokio::time::Instant::now(),
-            }),
+            slow_ledger: Arc::new(SlowLedger::new(ledger.clone())),
             ledger,
             queue: Arc::new(QueueSource::new(SOURCE)),
             mapping: mapping(),
@@ -833,7 +1293,7 @@ impl FaultPlan {
         match *self {
             FaultPlan::Outage(duration) => faults.go_down_for(duration),
             FaultPlan::Fail(calls, fault) => faults.fail_next(calls, fault),
-            FaultPlan::Ledger(calls) => world.ledger.fail_next(calls),
+            FaultPlan::Ledger(calls) => world.slow_ledger.fail_next(calls),
             FaultPlan::LedgerLatency(latency) => *lock(&world.slow_ledger.latency) = latency,
             FaultPlan::Latency(latency) => faults.set_latency(latency),
         }
@@ -985,9 +1445,9 @@ struct Sim {
     counter: u64,
 }
 
-async fn simulate(seed: u64) -> std::result::Result<Summary, String> {
+async fn simulate(seed: u64, ledger: Arc<dyn Ledger>) -> std::result::Result<Summary, String> {
     let mut rng = Rng::new(seed);
-    let world = World::new(&mut rng);
+    let world = World::new(&mut rng, ledger);
     let (applier, pipeline) = world.worker();
     let mut sim = Sim {
         rng,
@@ -1081,14 +1541,14 @@ impl Sim {
         } else if self.rng.percent(50) {
             self.account_update()
         } else if self.contacts.len() < MAX_CONTACTS && self.rng.percent(40) {
-            match self.new_contact() {
+            match self.new_contact().await? {
                 Some(record) => record,
                 None => self.account_update(),
             }
         } else if let Some(id) = self.rng.pick(&self.contacts) {
-            self.contact_update(id)
+            self.contact_update(id).await?
         } else {
-            match self.new_contact() {
+            match self.new_contact().await? {
                 Some(record) => record,
                 None => self.account_update(),
             }
@@ -1196,42 +1656,55 @@ impl Sim {
     /// delivered yet), and the keyed ones whose own event the ledger has settled (see [`Sim::keyed`]): the sync
     /// then finds such an account through the id map (an alias, when the account hydrated the LOB's placeholder
     /// made by number) or under its source GUID.
-    fn referable_accounts(&mut self) -> Vec<Uuid> {
-        if self.keyed.iter().any(|id| !self.settled.contains(id)) {
-            for (record, _) in self.world.ledger.snapshot().applied_versions {
-                if record.source == SOURCE
-                    && record.reference.table.as_str() == "account"
-                    && let Some(id) = record.reference.id()
-                    && self.keyed.contains(&id)
-                {
-                    self.settled.insert(id);
-                }
-            }
+    ///
+    /// The simulation asks the ledger itself (no latency, no injected failures: not the workers' view of it), so
+    /// the question takes no simulated time and the schedule stays the same on every backend.
+    async fn referable_accounts(&mut self) -> std::result::Result<Vec<Uuid>, String> {
+        let unsettled: Vec<SourceRecord> = self
+            .keyed
+            .iter()
+            .filter(|id| !self.settled.contains(id))
+            .map(|id| SourceRecord::new(SOURCE, account(*id)))
+            .collect();
+        if !unsettled.is_empty() {
+            let query = LedgerQuery {
+                records: unsettled,
+                ..LedgerQuery::default()
+            };
+            let view =
+                self.world.ledger.lookup(&query).await.map_err(|e| {
+                    format!("the simulation's lookup of applied versions failed: {e}")
+                })?;
+            self.settled
+                .extend(view.applied.keys().filter_map(|r| r.reference.id()));
         }
-        self.accounts
+        Ok(self
+            .accounts
             .iter()
             .copied()
             .filter(|id| !self.keyed.contains(id) || self.settled.contains(id))
-            .collect()
+            .collect())
     }
 
     /// A new contact, or `None` when no account may be referenced yet.
-    fn new_contact(&mut self) -> Option<Record> {
-        let parents = self.referable_accounts();
-        let parent = self.rng.pick(&parents)?;
+    async fn new_contact(&mut self) -> std::result::Result<Option<Record>, String> {
+        let parents = self.referable_accounts().await?;
+        let Some(parent) = self.rng.pick(&parents) else {
+            return Ok(None);
+        };
         let n = self.next_number();
         let id = self.rng.uuid();
-        Some(
+        Ok(Some(
             Record::builder(contact(id))
                 .field("fullname", format!("Contact {n}"))
                 .field("emailaddress1", format!("c{n}@us.example"))
                 .lookup("parentcustomerid", account(parent))
                 .build()
                 .unwrap(),
-        )
+        ))
     }
 
-    fn contact_update(&mut self, id: Uuid) -> Record {
+    async fn contact_update(&mut self, id: Uuid) -> std::result::Result<Record, String> {
         let n = self.next_number();
         let mut builder = Record::builder(contact(id));
         let mut changed = false;
@@ -1245,14 +1718,14 @@ impl Sim {
                 changed = true;
             }
             if self.rng.percent(30) {
-                let parents = self.referable_accounts();
+                let parents = self.referable_accounts().await?;
                 if let Some(parent) = self.rng.pick(&parents) {
                     builder = builder.lookup("parentcustomerid", account(parent));
                     changed = true;
                 }
             }
         }
-        builder.build().unwrap()
+        Ok(builder.build().unwrap())
     }
 
     /// An event the mapping rejects (a country the value map does not list), for a record that exists only in
@@ -1607,7 +2080,7 @@ impl Sim {
     /// Restores everything, delivers what is left, drains, replays dead letters, drains again.
     async fn drain(&mut self) -> std::result::Result<(), String> {
         self.world.target.faults().restore();
-        self.world.ledger.fail_next(0);
+        self.world.slow_ledger.fail_next(0);
         FaultPlan::LedgerLatency(Duration::ZERO).apply(&self.world);
         let mut rest = std::mem::take(&mut self.network);
         self.rng.shuffle(&mut rest);
@@ -1673,11 +2146,11 @@ impl Sim {
 
     async fn check(&self) -> std::result::Result<Summary, String> {
         let mut problems = Vec::new();
-        let homes = self.check_identities(&mut problems);
+        let homes = self.check_identities(&mut problems).await?;
         self.check_target(&homes, &mut problems);
         self.check_placeholders(&homes, &mut problems);
         self.check_writes(&homes, &mut problems);
-        let stats = self.check_accounting(&mut problems).await;
+        let stats = self.check_accounting(&mut problems).await?;
         if !problems.is_empty() {
             let mut message = String::new();
             for problem in problems.iter().take(8) {
@@ -1703,11 +2176,34 @@ impl Sim {
     /// account hydrated a placeholder the LOB made by number, under a GUID of the target's) or else under its
     /// source GUID; and that this is the one target account with its number, and no target account stands for
     /// no source account (a duplicate row). Returns the homes found, source GUID to target GUID.
-    fn check_identities(&self, problems: &mut Vec<String>) -> BTreeMap<Uuid, Uuid> {
+    ///
+    /// The id map is read through [`Ledger::lookup`], for every source record an event named (each one the
+    /// applier may have aliased), so that the check reads every backend the same way.
+    async fn check_identities(
+        &self,
+        problems: &mut Vec<String>,
+    ) -> std::result::Result<BTreeMap<Uuid, Uuid>, String> {
         let source_accounts = self.world.source.records(&table("account")).unwrap();
         let target_accounts = self.world.target.records(&table("account")).unwrap();
-        let aliases: BTreeMap<SourceRecord, EntityRef> =
-            self.world.ledger.snapshot().id_map.into_iter().collect();
+        let named: BTreeSet<SourceRecord> = self
+            .events
+            .iter()
+            .chain(self.poison.values())
+            .map(ChangeEvent::source_record)
+            .collect();
+        let query = LedgerQuery {
+            targets: named.into_iter().collect(),
+            ..LedgerQuery::default()
+        };
+        let aliases: BTreeMap<SourceRecord, EntityRef> = self
+            .world
+            .ledger
+            .lookup(&query)
+            .await
+            .map_err(|e| format!("reading the id map failed: {e}"))?
+            .targets
+            .into_iter()
+            .collect();
         let mut homes = BTreeMap::new();
         for source in &source_accounts {
             let number = source.record.field(NUMBER).cloned().unwrap_or(Value::Null);
@@ -1750,7 +2246,7 @@ impl Sim {
                 ));
             }
         }
-        homes
+        Ok(homes)
     }
 
     /// Checks 1 and 2: the target mirrors the source on sync-owned fields, and holds the LOB's writes intact.
@@ -1922,8 +2418,14 @@ impl Sim {
             .fold(SyncStats::default(), |sum, a| sum + a.stats())
     }
 
-    /// Check 5: every event accounted for.
-    async fn check_accounting(&self, problems: &mut Vec<String>) -> SyncStats {
+    /// Check 5: every event accounted for. The ledger is read through the [`Ledger`] trait (settled event ids,
+    /// checkpoint, dead letters, totals), the same way on every backend.
+    async fn check_accounting(
+        &self,
+        problems: &mut Vec<String>,
+    ) -> std::result::Result<SyncStats, String> {
+        let ledger = &self.world.ledger;
+        let read = |what: &str, e: Error| format!("reading the ledger's {what} failed: {e}");
         let total = self.total();
         if total.settled() + self.interrupted != total.received + total.replayed {
             problems.push(format!(
@@ -1943,26 +2445,40 @@ impl Sim {
                 total.echo
             ));
         }
-        let snapshot = self.world.ledger.snapshot();
+        let query = LedgerQuery {
+            event_ids: self.delivered.iter().cloned().collect(),
+            ..LedgerQuery::default()
+        };
+        let processed = ledger
+            .lookup(&query)
+            .await
+            .map_err(|e| read("settled event ids", e))?
+            .processed;
         let lost: Vec<&String> = self
             .delivered
             .iter()
-            .filter(|id| !snapshot.processed.iter().any(|(p, _)| p == *id))
+            .filter(|id| !processed.contains(*id))
             .collect();
         if !lost.is_empty() {
             problems.push(format!(
                 "check 5: delivered events never settled in the ledger: {lost:?}"
             ));
         }
-        let saved = snapshot.checkpoints.get(SOURCE).cloned();
+        let saved = ledger
+            .checkpoint(SOURCE)
+            .await
+            .map_err(|e| read("checkpoint", e))?;
         if saved != Some(self.world.queue.len().to_string()) && !self.world.queue.is_empty() {
             problems.push(format!(
                 "check 5: the saved checkpoint is {saved:?}, the queue holds {}",
                 self.world.queue.len()
             ));
         }
-        let letters: BTreeMap<String, _> = snapshot
-            .dead_letters
+        let dead_letters = ledger
+            .dead_letters(usize::MAX)
+            .await
+            .map_err(|e| read("dead letters", e))?;
+        let letters: BTreeMap<String, _> = dead_letters
             .iter()
             .map(|l| (l.event.event_id.clone(), l))
             .collect();
@@ -2001,7 +2517,15 @@ impl Sim {
         }) {
             problems.push(format!("check 5: poison event {id} was written"));
         }
-        total
+        // The counters are settled with their batch, and an applier adds a batch's counters only once its
+        // settlement returned: the ledger's running totals are the sum of every incarnation's statistics.
+        let totals = ledger.totals().await.map_err(|e| read("totals", e))?;
+        if totals != total {
+            problems.push(format!(
+                "check 5: the ledger's totals are {totals}, the workers counted {total}"
+            ));
+        }
+        Ok(total)
     }
 }
 
