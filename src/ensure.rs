@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::hydration::HydrationPolicy;
-use crate::key::EntityRef;
+use crate::key::{ByKeyValues, EntityRef};
 use crate::store::{Ensured, RecordStore, Write, WriteOutcome};
 
 /// Makes records exist. Every [`RecordStore`] implements it; a store tunes it by overriding
@@ -32,25 +32,28 @@ impl<S: RecordStore + ?Sized> EnsureExists for S {
         references: &[EntityRef],
         policy: &dyn HydrationPolicy,
     ) -> EnsureReport {
-        ensure_then_write(self, references, policy, &[]).await.0
+        let mut seen = HashSet::with_capacity(references.len());
+        let unique: Vec<&EntityRef> = references
+            .iter()
+            .filter(|r| seen.insert(ByKeyValues(r)))
+            .collect();
+        ensure_then_write(self, &unique, policy, &[]).await.0
     }
 }
 
-/// Ensures `references` and applies `writes` in one [`RecordStore::ensure_then_write`] call (one round trip for
-/// a store that batches): de-duplicates the references, asks `policy` for each placeholder, and reports one item
-/// per distinct reference. No store call when there is nothing to ensure or write.
+/// Ensures `unique` (distinct references: the caller de-duplicates, the writer's plan already has) and applies
+/// `writes` in one [`RecordStore::ensure_then_write`] call (one round trip for a store that batches): asks
+/// `policy` for each placeholder and reports one item per reference, in order. No store call when there is
+/// nothing to ensure or write.
 pub(crate) async fn ensure_then_write<S: RecordStore + ?Sized>(
     store: &S,
-    references: &[EntityRef],
+    unique: &[&EntityRef],
     policy: &dyn HydrationPolicy,
     writes: &[Write],
 ) -> (EnsureReport, Vec<Result<WriteOutcome>>) {
-    let mut seen = HashSet::with_capacity(references.len());
-    let unique: Vec<&EntityRef> = references.iter().filter(|r| seen.insert(*r)).collect();
-
     let mut results: Vec<Option<Result<Ensured>>> = Vec::with_capacity(unique.len());
     let mut placeholders = Vec::with_capacity(unique.len());
-    for reference in &unique {
+    for reference in unique {
         match policy.placeholder(reference) {
             Ok(placeholder) => {
                 placeholders.push(placeholder);
@@ -73,9 +76,9 @@ pub(crate) async fn ensure_then_write<S: RecordStore + ?Sized>(
     };
     let mut created = created.into_iter();
     let items: Vec<EnsureItem> = unique
-        .into_iter()
+        .iter()
         .zip(results)
-        .map(|(reference, result)| EnsureItem {
+        .map(|(&reference, result)| EnsureItem {
             reference: reference.clone(),
             result: result
                 .or_else(|| created.next())

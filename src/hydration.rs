@@ -96,14 +96,20 @@ impl TablePolicy {
         match (&self.label, &reference.key) {
             (PlaceholderLabel::Fixed(text), _) => text.clone(),
             (PlaceholderLabel::FromKey, Key::Id(id)) => id.to_string(),
-            (PlaceholderLabel::FromKey, Key::Alternate(key)) => key
-                .parts()
-                .map(|(_, v)| match v {
-                    crate::key::KeyValue::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(", "),
+            (PlaceholderLabel::FromKey, Key::Alternate(key)) => {
+                // Built in place: one string per placeholder, not one per key part and a joined copy.
+                let mut label = String::new();
+                for (i, (_, value)) in key.parts().enumerate() {
+                    if i > 0 {
+                        label.push_str(", ");
+                    }
+                    match value {
+                        crate::key::KeyValue::String(s) => label.push_str(s),
+                        other => label.push_str(&other.to_string()),
+                    }
+                }
+                label
+            }
         }
     }
 
@@ -268,6 +274,11 @@ impl HydrationPolicy for Policies {
     }
 
     fn prepare_write(&self, record: &mut Record) {
+        // Only a marker needs preparing: without one anywhere, skip looking up the record's table (a string
+        // comparison per write, on a name that is rarely in cache, to find nothing to do).
+        if self.default.marker.is_none() && self.tables.values().all(|t| t.marker.is_none()) {
+            return;
+        }
         self.table(&record.reference.table).prepare_write(record);
     }
 
@@ -375,6 +386,25 @@ mod tests {
         let p = policy.placeholder(&r).unwrap();
         assert_eq!(p.field("fullname"), Some(&id.to_string().into()));
         assert_eq!(p.fields.len(), 1);
+    }
+
+    #[test]
+    fn prepare_write_touches_only_tables_with_a_marker() {
+        let contact = || {
+            Record::builder(EntityRef::by_key("contact", [("emailaddress1", "a@b.c")]).unwrap())
+                .field("fullname", "Joe")
+                .build()
+                .unwrap()
+        };
+        for policy in [account_policy(), Policies::default()] {
+            let mut record = contact();
+            policy.prepare_write(&mut record);
+            assert_eq!(record, contact(), "{policy:?}");
+        }
+        let mut account =
+            Record::new(EntityRef::by_key("account", [("accountnumber", "A-1")]).unwrap());
+        account_policy().prepare_write(&mut account);
+        assert_eq!(account.field("eu_isplaceholder"), Some(&false.into()));
     }
 
     #[test]

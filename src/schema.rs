@@ -172,7 +172,7 @@ impl TableSchema {
             }
             if let Some(key) = key
                 && let Some(key_value) = key.get(column.as_str())
-                && *value != key_value.to_json()
+                && !key_value.is_json(value)
             {
                 return Err(invalid(
                     column,

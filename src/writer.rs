@@ -12,7 +12,7 @@ use crate::ensure::{EnsureExists, EnsureReport, ensure_then_write};
 use crate::error::{Error, Result};
 use crate::guard::{Guarded, HydrationHooks};
 use crate::hydration::{HydrationPolicy, Policies};
-use crate::key::{EntityRef, Key, KeyKind, KeyValue};
+use crate::key::{ByKeyValues, EntityRef, Key, KeyKind, KeyValue};
 use crate::name::{ColumnName, TableName};
 use crate::record::{HydrationState, Record};
 use crate::store::{Change, Precondition, RecordStore, Write, WriteOutcome};
@@ -439,46 +439,59 @@ fn unensured(record: &Record, failed: &HashMap<&EntityRef, &Error>) -> Option<Er
 /// the same record keep their relative order. A write answers to its own address and to the alternate keys its
 /// fields carry (see [`key_aliases`]). Only targets not written earlier in the batch are ensured (in a reference
 /// cycle, the back edge gets a placeholder that the later write hydrates).
-fn plan(writes: &[Write]) -> (Vec<usize>, Vec<EntityRef>) {
+fn plan(writes: &[Write]) -> (Vec<usize>, Vec<&EntityRef>) {
     // Distinct targets in first-seen order: a batch of 10,000 contacts usually points at far fewer accounts.
-    let mut distinct: HashSet<&EntityRef> = HashSet::new();
+    let mut distinct: HashSet<ByKeyValues> = HashSet::new();
     let targets: Vec<&EntityRef> = writes
         .iter()
         .flat_map(|w| w.record.lookups.values())
-        .filter(|t| distinct.insert(*t))
+        .filter(|t| distinct.insert(ByKeyValues(t)))
         .collect();
-    let aliases = key_aliases(writes, &distinct);
+    // Only a write to a table that something points at can be a target. The usual batch has none (contacts
+    // pointing at accounts), and then neither aliases nor addresses need working out.
+    let mut target_tables: Vec<&TableName> = Vec::new();
+    for target in &targets {
+        if !target_tables.contains(&&target.table) {
+            target_tables.push(&target.table);
+        }
+    }
+    if !writes
+        .iter()
+        .any(|w| target_tables.contains(&w.record.table()))
+    {
+        return ((0..writes.len()).collect(), targets);
+    }
+    let aliases = key_aliases(writes, &targets);
     let identities = |i: usize| {
         std::iter::once(&writes[i].record.reference).chain(aliases.get(i).into_iter().flatten())
     };
-    let internal =
-        (0..writes.len()).any(|i| identities(i).any(|address| distinct.contains(address)));
+    let internal = (0..writes.len()).any(|i| {
+        target_tables.contains(&writes[i].record.table())
+            && identities(i).any(|address| distinct.contains(&ByKeyValues(address)))
+    });
     if !internal {
         // The common case: nothing in the batch is a target of anything else in it.
-        return (
-            (0..writes.len()).collect(),
-            targets.into_iter().cloned().collect(),
-        );
+        return ((0..writes.len()).collect(), targets);
     }
 
     // Indices are pushed in increasing order, so each list is in input order.
-    let mut by_address: HashMap<&EntityRef, Vec<usize>> = HashMap::with_capacity(writes.len());
+    let mut by_address: HashMap<ByKeyValues, Vec<usize>> = HashMap::with_capacity(writes.len());
     for i in 0..writes.len() {
         for address in identities(i) {
-            by_address.entry(address).or_default().push(i);
+            by_address.entry(ByKeyValues(address)).or_default().push(i);
         }
     }
     let order = topological_order(writes, &by_address);
-    let mut written: HashSet<&EntityRef> = HashSet::with_capacity(writes.len());
-    let mut queued: HashSet<&EntityRef> = HashSet::new();
+    let mut written: HashSet<ByKeyValues> = HashSet::with_capacity(writes.len());
+    let mut queued: HashSet<ByKeyValues> = HashSet::new();
     let mut targets = Vec::new();
     for &i in &order {
         for target in writes[i].record.lookups.values() {
-            if !written.contains(target) && queued.insert(target) {
-                targets.push(target.clone());
+            if !written.contains(&ByKeyValues(target)) && queued.insert(ByKeyValues(target)) {
+                targets.push(target);
             }
         }
-        written.extend(identities(i));
+        written.extend(identities(i).map(ByKeyValues));
     }
     (order, targets)
 }
@@ -486,14 +499,25 @@ fn plan(writes: &[Write]) -> (Vec<usize>, Vec<EntityRef>) {
 /// For each write, the other addresses it answers to: for every alternate key that a lookup in this batch uses on
 /// the write's table, the key values the write carries (in its fields or its own address). So a write of an
 /// account by GUID that sets `accountnumber` is recognised as the target of `account(accountnumber='…')`.
-fn key_aliases(writes: &[Write], targets: &HashSet<&EntityRef>) -> Vec<Vec<EntityRef>> {
-    let mut shapes: HashMap<&TableName, HashSet<Vec<(&ColumnName, KeyKind)>>> = HashMap::new();
+fn key_aliases(writes: &[Write], targets: &[&EntityRef]) -> Vec<Vec<EntityRef>> {
+    // Few tables and key shapes per batch: linear scans, and a shape is allocated only the first time it is met.
+    type Shape<'a> = Vec<(&'a ColumnName, KeyKind)>;
+    let mut shapes: Vec<(&TableName, Vec<Shape>)> = Vec::new();
     for target in targets {
-        if let Key::Alternate(key) = &target.key {
-            shapes
-                .entry(&target.table)
-                .or_default()
-                .insert(key.parts().map(|(c, v)| (c, v.kind())).collect());
+        let Key::Alternate(key) = &target.key else {
+            continue;
+        };
+        let index = match shapes.iter().position(|(t, _)| *t == &target.table) {
+            Some(index) => index,
+            None => {
+                shapes.push((&target.table, Vec::new()));
+                shapes.len() - 1
+            }
+        };
+        let shape = || key.parts().map(|(c, v)| (c, v.kind()));
+        let table_shapes = &mut shapes[index].1;
+        if !table_shapes.iter().any(|s| s.iter().copied().eq(shape())) {
+            table_shapes.push(shape().collect());
         }
     }
     if shapes.is_empty() {
@@ -522,18 +546,23 @@ fn key_aliases(writes: &[Write], targets: &HashSet<&EntityRef>) -> Vec<Vec<Entit
     };
     writes
         .iter()
-        .map(|w| match shapes.get(w.record.table()) {
-            Some(table_shapes) => table_shapes
-                .iter()
-                .filter_map(|shape| alias(&w.record, shape))
-                .collect(),
-            None => Vec::new(),
-        })
+        .map(
+            |w| match shapes.iter().find(|(t, _)| *t == w.record.table()) {
+                Some((_, table_shapes)) => table_shapes
+                    .iter()
+                    .filter_map(|shape| alias(&w.record, shape))
+                    .collect(),
+                None => Vec::new(),
+            },
+        )
         .collect()
 }
 
 /// Kahn's algorithm, taking the lowest ready index first so the input order is kept wherever it can be.
-fn topological_order(writes: &[Write], by_address: &HashMap<&EntityRef, Vec<usize>>) -> Vec<usize> {
+fn topological_order(
+    writes: &[Write],
+    by_address: &HashMap<ByKeyValues, Vec<usize>>,
+) -> Vec<usize> {
     let n = writes.len();
     let mut successors: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut indegree = vec![0usize; n];
@@ -549,7 +578,9 @@ fn topological_order(writes: &[Write], by_address: &HashMap<&EntityRef, Vec<usiz
     for (i, write) in writes.iter().enumerate() {
         for target in write.record.lookups.values() {
             // After the last write to the target (writes to one record are chained), so the referrer sees it whole.
-            if let Some(&last) = by_address.get(target).and_then(|js| js.last())
+            if let Some(&last) = by_address
+                .get(&ByKeyValues(target))
+                .and_then(|js| js.last())
                 && last != i
             {
                 edge(last, i, &mut successors);
@@ -590,7 +621,7 @@ mod tests {
         Write::upsert(b.build().unwrap())
     }
 
-    fn keys(targets: &[EntityRef]) -> Vec<String> {
+    fn keys(targets: &[&EntityRef]) -> Vec<String> {
         targets.iter().map(|t| t.to_string()).collect()
     }
 

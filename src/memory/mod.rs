@@ -20,7 +20,7 @@ use crate::name::{ColumnName, TableName};
 use crate::record::{Fields, HydrationState, Record, StoredRecord, Version};
 use crate::schema::{AlternateKeyDef, Schema, TableSchema};
 use crate::store::{
-    Change, Delete, DeleteOutcome, DeletePrecondition, Precondition, RecordStore, Write,
+    Change, Delete, DeleteOutcome, DeletePrecondition, Ensured, Precondition, RecordStore, Write,
     WriteOutcome,
 };
 
@@ -211,6 +211,25 @@ impl RecordStore for MemoryStore {
             .map(|write| data.apply(&self.schema, write))
             .collect()
     }
+
+    /// What the default does (one create-only batch: same call counts, faults and results), but each placeholder
+    /// moves into its row instead of being cloned, and one that exists costs no `AlreadyExists` error.
+    async fn ensure_placeholders(&self, placeholders: Vec<Record>) -> Vec<Result<Ensured>> {
+        self.write_calls.fetch_add(1, Ordering::Relaxed);
+        self.writes
+            .fetch_add(placeholders.len() as u64, Ordering::Relaxed);
+        if let Err(fault) = self.faults.check().await {
+            return placeholders
+                .iter()
+                .map(|_| Err(fault.error(&self.name)))
+                .collect();
+        }
+        let mut data = self.lock();
+        placeholders
+            .into_iter()
+            .map(|placeholder| data.ensure(&self.schema, placeholder))
+            .collect()
+    }
 }
 
 impl Row {
@@ -314,21 +333,7 @@ impl Data {
             precondition,
         } = write;
         let precondition = *precondition;
-        let table = schema.table(record.table())?;
-        let address = table.check_write(record)?;
-        let mut lookups = BTreeMap::new();
-        for (name, target) in &record.lookups {
-            let Some(target_id) = self.locate(schema, target)? else {
-                return Err(Error::MissingReference {
-                    reference: Box::new(record.reference.clone()),
-                    field: name.clone(),
-                    target: Box::new(target.clone()),
-                });
-            };
-            lookups.insert(name.clone(), target_id);
-        }
-
-        let existing = self.find(&table.name, &record.reference.key, address.as_ref());
+        let (table, lookups, existing) = self.resolve(schema, record)?;
         match (existing, precondition) {
             (Some(_), Precondition::CreateOnly) => {
                 return Err(Error::AlreadyExists {
@@ -343,7 +348,15 @@ impl Data {
             _ => {}
         }
         match existing {
-            None => self.create(table, record, lookups),
+            None => {
+                let fields = record
+                    .fields
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(c, v)| (c.clone(), v.clone()))
+                    .collect();
+                self.create(table, record, fields, lookups)
+            }
             Some(id) => self.update(table, id, record, lookups, precondition),
         }
     }
@@ -384,22 +397,63 @@ impl Data {
         Ok(DeleteOutcome::deleted(Some(id), Some(row.state)))
     }
 
+    /// [`apply`](Self::apply) of `Write::create_only(placeholder)`, with an existing record reported as
+    /// [`Ensured::Existed`] instead of an error.
+    fn ensure(&mut self, schema: &Schema, mut placeholder: Record) -> Result<Ensured> {
+        let (table, lookups, existing) = self.resolve(schema, &placeholder)?;
+        if existing.is_some() {
+            return Ok(Ensured::Existed);
+        }
+        let mut fields = std::mem::take(&mut placeholder.fields);
+        fields.retain(|_, v| !v.is_null());
+        self.create(table, &placeholder, fields, lookups)
+            .map(|outcome| Ensured::Created { id: outcome.id })
+    }
+
+    /// The checks every write passes before its precondition: the table's static checks and every lookup
+    /// target present. Returns the table, the lookup target ids and the id of the record, if it exists.
+    // `resolve` and `create` were inlined into `apply` before `ensure` shared them; left as calls they cost
+    // every plain write about 1 % more instructions (callgrind).
+    #[inline(always)]
+    fn resolve<'s>(
+        &self,
+        schema: &'s Schema,
+        record: &Record,
+    ) -> Result<(&'s TableSchema, BTreeMap<ColumnName, Uuid>, Option<Uuid>)> {
+        let table = schema.table(record.table())?;
+        let address = table.check_write(record)?;
+        let mut lookups = BTreeMap::new();
+        for (name, target) in &record.lookups {
+            let Some(target_id) = self.locate(schema, target)? else {
+                return Err(Error::MissingReference {
+                    reference: Box::new(record.reference.clone()),
+                    field: name.clone(),
+                    target: Box::new(target.clone()),
+                });
+            };
+            lookups.insert(name.clone(), target_id);
+        }
+        let existing = self.find(&table.name, &record.reference.key, address.as_ref());
+        Ok((table, lookups, existing))
+    }
+
+    /// Creates `record` with `fields` (its non-null fields, cloned or moved out by the caller).
+    // Inlined for the same reason as `resolve`.
+    #[inline(always)]
     fn create(
         &mut self,
         table: &TableSchema,
         record: &Record,
+        mut fields: Fields,
         lookups: BTreeMap<ColumnName, Uuid>,
     ) -> Result<WriteOutcome> {
         let id = record.reference.id().unwrap_or_else(Uuid::new_v4);
-        let mut fields: Fields = record
-            .fields
-            .iter()
-            .filter(|(_, v)| !v.is_null())
-            .map(|(c, v)| (c.clone(), v.clone()))
-            .collect();
         if let Key::Alternate(key) = &record.reference.key {
             for (column, value) in key.parts() {
-                fields.insert(column.clone(), value.to_json());
+                // A key column among the fields already holds this value: `check_write` let no other through.
+                fields
+                    .entry(column.clone())
+                    .or_insert_with(|| value.to_json());
             }
         }
         let data = self.tables.entry(table.name.clone()).or_default();
