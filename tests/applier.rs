@@ -744,3 +744,25 @@ async fn a_crash_between_hydrating_a_key_placeholder_and_settling_loses_no_ident
         1
     );
 }
+
+#[tokio::test]
+async fn a_version_no_ledger_can_keep_is_dead_lettered_alone() {
+    let s = setup(|b| b);
+    let dispositions = s
+        .applier
+        .apply_batch(vec![
+            account_event(1, u64::MAX, "Too far"),
+            account_event(2, 1, "Fine"),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&dispositions[0], Disposition::DeadLettered(e) if e.to_string().contains("source_version")),
+        "{dispositions:?}"
+    );
+    assert!(
+        matches!(dispositions[1], Disposition::Applied(_)),
+        "{dispositions:?}"
+    );
+    assert_eq!(s.store.read(&account_by_id(1)).await.unwrap(), None);
+}

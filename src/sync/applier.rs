@@ -20,8 +20,8 @@ use crate::schema::Schema;
 use crate::store::{Change, Delete, DeleteOutcome, Precondition, RecordStore, Write, WriteOutcome};
 use crate::sync::{
     AppliedVersion, ChangeEvent, Checkpoint, Counter, DeadLetter, IdMapping, Ledger, LedgerQuery,
-    LedgerView, Mapping, OwnWrite, SettledEvent, Settlement, SourceRecord, SyncCounters, SyncStats,
-    TaskChange, now_ms,
+    LedgerView, MAX_VERSION, Mapping, OwnWrite, SettledEvent, Settlement, SourceRecord,
+    SyncCounters, SyncStats, TaskChange, now_ms,
 };
 use crate::writer::EnsuringWriter;
 
@@ -457,7 +457,20 @@ impl Applier {
                     version: event.source_version,
                 })
             };
-            let step = if event
+            let step = if event.source_version > MAX_VERSION {
+                // A ledger keeps versions as signed 64-bit integers: such an event is refused alone, rather than
+                // failing its whole batch's settlement.
+                Step::Done(
+                    Err(Error::InvalidEvent {
+                        event_id: Some(event.event_id.clone()),
+                        reason: format!(
+                            "source_version {} is above {MAX_VERSION}, the highest a ledger keeps",
+                            event.source_version
+                        ),
+                    }),
+                    0,
+                )
+            } else if event
                 .origin
                 .as_ref()
                 .is_some_and(|o| self.ignored_origins.contains(o))

@@ -32,8 +32,7 @@ use crate::sync::ledger::{
 };
 use crate::sync::tasks::{DeferredTask, TaskChange, TaskStatus};
 
-/// The highest source version a ledger must keep exactly (SQL ledgers store versions as signed 64-bit integers).
-pub const MAX_VERSION: u64 = i64::MAX as u64;
+pub use crate::sync::ledger::MAX_VERSION;
 
 /// Runs every scenario, one after the other.
 pub async fn run_all(ledger: &dyn Ledger) {

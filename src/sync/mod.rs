@@ -66,7 +66,8 @@ pub use dataverse_source::DataverseChangeSource;
 pub use event::{ChangeEvent, ChangeKind, SCHEMA_VERSION};
 pub use ledger::{
     AppliedVersion, Checkpoint, DeadLetter, IdMapping, Ledger, LedgerQuery, LedgerSnapshot,
-    LedgerView, MemoryLedger, OwnWrite, Pruned, Retention, SettledEvent, Settlement, SourceRecord,
+    LedgerView, MAX_VERSION, MemoryLedger, OwnWrite, Pruned, Retention, SettledEvent, Settlement,
+    SourceRecord,
 };
 #[cfg(feature = "postgres")]
 pub use ledger::{PostgresLedger, PostgresLedgerBuilder};

@@ -34,6 +34,10 @@ pub use postgres::{PostgresLedger, PostgresLedgerBuilder};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteDurability, SqliteLedger};
 
+/// The highest source version a ledger keeps (SQL ledgers store versions as signed 64-bit integers); the applier
+/// dead-letters an event with a higher one.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
 /// A record at a source instance: the source's name and the record's table and key there.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SourceRecord {

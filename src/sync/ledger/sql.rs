@@ -360,7 +360,7 @@ impl<F: FnOnce() -> String> Describe for F {
 }
 
 /// `value` as a signed 64-bit integer (what SQL stores), or an error naming `what`: versions and times above
-/// [`i64::MAX`] do not fit ([`MAX_VERSION`](crate::sync::ledger_conformance)).
+/// [`i64::MAX`] do not fit ([`MAX_VERSION`](crate::sync::MAX_VERSION)).
 pub(crate) fn to_i64(value: u64, what: impl Describe) -> Result<i64> {
     i64::try_from(value).map_err(|_| Error::Backend {
         backend: "ledger".into(),
