@@ -12,7 +12,7 @@ use crate::ensure::{EnsureExists, EnsureReport, ensure_then_write};
 use crate::error::{Error, Result};
 use crate::guard::{Guarded, HydrationHooks};
 use crate::hydration::{HydrationPolicy, Policies};
-use crate::key::{ByKeyValues, EntityRef, Key, KeyKind, KeyValue};
+use crate::key::{ByKeyValues, EntityRef, Key, KeyKind, KeyValue, same_text};
 use crate::name::{ColumnName, TableName};
 use crate::record::{HydrationState, Record};
 use crate::store::{Change, Precondition, RecordStore, Write, WriteOutcome};
@@ -455,10 +455,12 @@ fn plan(writes: &[Write]) -> (Vec<usize>, Vec<&EntityRef>) {
             target_tables.push(&target.table);
         }
     }
-    if !writes
-        .iter()
-        .any(|w| target_tables.contains(&w.record.table()))
-    {
+    let maybe_target = |w: &Write| {
+        target_tables
+            .iter()
+            .any(|t| same_text(t.as_str(), w.record.table().as_str()))
+    };
+    if !writes.iter().any(maybe_target) {
         return ((0..writes.len()).collect(), targets);
     }
     let aliases = key_aliases(writes, &targets);
@@ -466,7 +468,7 @@ fn plan(writes: &[Write]) -> (Vec<usize>, Vec<&EntityRef>) {
         std::iter::once(&writes[i].record.reference).chain(aliases.get(i).into_iter().flatten())
     };
     let internal = (0..writes.len()).any(|i| {
-        target_tables.contains(&writes[i].record.table())
+        maybe_target(&writes[i])
             && identities(i).any(|address| distinct.contains(&ByKeyValues(address)))
     });
     if !internal {
