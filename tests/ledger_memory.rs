@@ -1,6 +1,10 @@
 //! The `Ledger` contract, run against the in-memory ledger: one test per scenario so a failure names the broken
 //! rule, then all of them on one shared ledger, directly and behind `Arc<dyn Ledger>`.
 
+#[macro_use]
+#[path = "common/ledger_scenarios.rs"]
+mod ledger_scenarios;
+
 use std::sync::Arc;
 
 use eventual_upsert::sync::{Ledger, MemoryLedger, ledger_conformance};
@@ -14,23 +18,7 @@ macro_rules! scenarios {
     )*};
 }
 
-scenarios!(
-    processed_ids_are_remembered,
-    applied_versions_only_go_up,
-    tombstones_hold_until_a_newer_version,
-    checkpoints_are_per_source,
-    dead_letters_merge_by_event_id,
-    dead_letters_come_oldest_first_up_to_the_limit,
-    resolved_dead_letters_are_removed,
-    id_map_is_many_to_one,
-    own_writes_are_known_by_instance_record_and_version,
-    tasks_are_enqueued_once_and_claimed_when_due,
-    task_changes_follow_the_rules,
-    totals_add_up,
-    concurrent_settlements_lose_nothing,
-    a_whole_settlement_reads_back,
-    retention_prunes_only_what_it_should,
-);
+for_each_ledger_scenario!(scenarios);
 
 #[tokio::test]
 async fn run_all_on_one_shared_ledger() {

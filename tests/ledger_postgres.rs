@@ -2,6 +2,10 @@
 //! is unset): one test per scenario, each in a schema of its own that is dropped at the end; all of them twice on
 //! one shared ledger; then schema refusal, atomicity, and several ledgers (pools) sharing one schema.
 
+#[macro_use]
+#[path = "common/ledger_scenarios.rs"]
+mod ledger_scenarios;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,23 +86,7 @@ macro_rules! scenarios {
     )*};
 }
 
-scenarios!(
-    processed_ids_are_remembered,
-    applied_versions_only_go_up,
-    tombstones_hold_until_a_newer_version,
-    checkpoints_are_per_source,
-    dead_letters_merge_by_event_id,
-    dead_letters_come_oldest_first_up_to_the_limit,
-    resolved_dead_letters_are_removed,
-    id_map_is_many_to_one,
-    own_writes_are_known_by_instance_record_and_version,
-    tasks_are_enqueued_once_and_claimed_when_due,
-    task_changes_follow_the_rules,
-    totals_add_up,
-    concurrent_settlements_lose_nothing,
-    a_whole_settlement_reads_back,
-    retention_prunes_only_what_it_should,
-);
+for_each_ledger_scenario!(scenarios);
 
 #[tokio::test]
 async fn run_all_on_one_shared_ledger() {
