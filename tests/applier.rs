@@ -544,11 +544,8 @@ async fn a_batch_retries_transient_failures_and_dead_letters_only_the_poison() {
     assert_eq!(s.ledger.dead_letter_count().await.unwrap(), 1);
 }
 
-/// The defect of issue 9: a placeholder created by alternate key (the LOB app), hydrated by a sync event addressed
-/// by its source GUID, must take every later update of that GUID too.
-#[tokio::test]
-async fn a_placeholder_made_by_key_and_hydrated_by_guid_takes_every_later_update() {
-    let s = setup(|b| b);
+/// The LOB app writes a contact whose parent is account `A-1` by alternate key: a placeholder made by key.
+async fn lob_placeholder_by_key(s: &Setup) -> (EntityRef, eventual_upsert::StoredRecord) {
     let by_key = EntityRef::by_key("account", [("accountnumber", "A-1")]).unwrap();
     let contact = Record::builder(EntityRef::by_id("contact", Uuid::from_u128(100)).unwrap())
         .field("fullname", "Ada")
@@ -557,6 +554,15 @@ async fn a_placeholder_made_by_key_and_hydrated_by_guid_takes_every_later_update
         .unwrap();
     s.applier.writer().write(contact).await.unwrap();
     let placeholder = s.store.read(&by_key).await.unwrap().unwrap();
+    (by_key, placeholder)
+}
+
+/// The defect of issue 9: a placeholder created by alternate key (the LOB app), hydrated by a sync event addressed
+/// by its source GUID, must take every later update of that GUID too.
+#[tokio::test]
+async fn a_placeholder_made_by_key_and_hydrated_by_guid_takes_every_later_update() {
+    let s = setup(|b| b);
+    let (_, placeholder) = lob_placeholder_by_key(&s).await;
     assert_eq!(placeholder.record.state, HydrationState::Placeholder);
 
     for (version, name) in [(1, "Fabrikam"), (2, "Fabrikam Ltd"), (3, "Fabrikam Group")] {
@@ -693,14 +699,7 @@ impl eventual_upsert::sync::Ledger for LosesSettlements {
 #[tokio::test]
 async fn a_crash_between_hydrating_a_key_placeholder_and_settling_loses_no_identity() {
     let s = setup(|b| b);
-    let by_key = EntityRef::by_key("account", [("accountnumber", "A-1")]).unwrap();
-    let contact = Record::builder(EntityRef::by_id("contact", Uuid::from_u128(100)).unwrap())
-        .field("fullname", "Ada")
-        .lookup("parentcustomerid", by_key.clone())
-        .build()
-        .unwrap();
-    s.applier.writer().write(contact).await.unwrap();
-    let placeholder = s.store.read(&by_key).await.unwrap().unwrap();
+    let (by_key, placeholder) = lob_placeholder_by_key(&s).await;
     let ledger = Arc::new(LosesSettlements {
         inner: s.ledger.clone(),
         failing: std::sync::atomic::AtomicBool::new(true),
