@@ -2,7 +2,9 @@
 //! settles every event (applied, skipped with a reason, or dead-lettered).
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -448,7 +450,7 @@ impl Applier {
         replay: bool,
     ) -> Vec<Step> {
         let mut steps = Vec::with_capacity(events.len());
-        let mut newest: HashMap<&SourceRecord, usize> = HashMap::new();
+        let mut newest: HashMap<&SourceRecord, usize> = HashMap::with_capacity(events.len());
         for (i, event) in events.iter().enumerate() {
             let own_write = || {
                 view.own_writes.contains(&OwnWrite {

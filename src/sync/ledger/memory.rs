@@ -1,11 +1,12 @@
 //! [`MemoryLedger`]: the [`Ledger`] in plain maps, for tests, simulations and single-process runs that may lose
 //! their state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
