@@ -320,12 +320,19 @@ mod tests {
                 }
             })
             .await;
-        assert_eq!(attempts.load(Ordering::Relaxed), 1, "no retry can fit the budget");
+        assert_eq!(
+            attempts.load(Ordering::Relaxed),
+            1,
+            "no retry can fit the budget"
+        );
         assert!(
             matches!(outcome, Err(Error::Throttled { .. })),
             "the throttling is reported as it is: {outcome:?}"
         );
-        assert!(started.elapsed() < Duration::from_secs(4), "no wait was started");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "no wait was started"
+        );
         // The same with the largest Duration there is, on a first attempt that took no time.
         let outcome = script(
             &steady(),
