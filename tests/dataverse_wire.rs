@@ -190,6 +190,56 @@ fn batch_response(parts: &[Part<'_>], change_set: bool) -> ResponseTemplate {
     ResponseTemplate::new(200).set_body_raw(out, "multipart/mixed; boundary=batchresponse_R")
 }
 
+/// Answers `verb path` with `response`, however often it is asked.
+async fn answer(server: &MockServer, verb: &str, url_path: String, response: ResponseTemplate) {
+    Mock::given(method(verb))
+        .and(path(url_path))
+        .respond_with(response)
+        .mount(server)
+        .await;
+}
+
+/// Answers `verb path` with `response`, and checks when the server drops that it was asked exactly once.
+async fn answer_once(
+    server: &MockServer,
+    verb: &str,
+    url_path: String,
+    response: ResponseTemplate,
+) {
+    Mock::given(method(verb))
+        .and(path(url_path))
+        .respond_with(response)
+        .expect(1)
+        .mount(server)
+        .await;
+}
+
+/// A `200 OK` part with account `n` at `version`.
+fn ok_part(content_id: Option<&str>, n: u128, version: u64) -> Part<'_> {
+    part(
+        content_id,
+        "200 OK",
+        Some(account_row(guid(n), version, json!({}))),
+    )
+}
+
+/// Answers every `$batch` request with the same hand-written response.
+async fn answer_batches(server: &MockServer, parts: &[Part<'_>], change_set: bool) {
+    Mock::given(method("POST"))
+        .and(path(format!("{ROOT}$batch")))
+        .respond_with(batch_response(parts, change_set))
+        .mount(server)
+        .await;
+}
+
+/// Upserts of two accounts by GUID (1 and 2).
+fn two_writes_by_id() -> [Write; 2] {
+    [
+        Write::upsert(named(&EntityRef::by_id("account", guid(1)).unwrap(), "one")),
+        Write::upsert(named(&EntityRef::by_id("account", guid(2)).unwrap(), "two")),
+    ]
+}
+
 /// The inner requests of a `$batch` request body: (request line, Content-ID, body).
 fn batch_operations(request: &Request) -> Vec<(String, Option<String>, String)> {
     let text = String::from_utf8_lossy(&request.body).into_owned();
@@ -235,12 +285,13 @@ async fn a_key_with_a_forbidden_character_is_found_by_filter_and_updated_by_guid
         .expect(1)
         .mount(&server)
         .await;
-    Mock::given(method("PATCH"))
-        .and(path(format!("{ROOT}accounts({id})")))
-        .respond_with(ok_json(account_row(id, 6, json!({}))))
-        .expect(1)
-        .mount(&server)
-        .await;
+    answer_once(
+        &server,
+        "PATCH",
+        format!("{ROOT}accounts({id})"),
+        ok_json(account_row(id, 6, json!({}))),
+    )
+    .await;
     let store = store(&server);
     let outcome = store
         .write(&Write::upsert(named(&account("O'Brien & Co/1?"), "New")))
@@ -265,17 +316,20 @@ async fn a_key_with_a_forbidden_character_is_found_by_filter_and_updated_by_guid
 async fn a_missing_record_with_such_a_key_is_created_by_post_with_its_key_columns() {
     let server = MockServer::start().await;
     let id = guid(0xa2);
-    Mock::given(method("GET"))
-        .and(path(format!("{ROOT}accounts")))
-        .respond_with(ok_json(json!({"value": []})))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{ROOT}accounts")))
-        .respond_with(ResponseTemplate::new(201).set_body_json(account_row(id, 1, json!({}))))
-        .expect(1)
-        .mount(&server)
-        .await;
+    answer(
+        &server,
+        "GET",
+        format!("{ROOT}accounts"),
+        ok_json(json!({"value": []})),
+    )
+    .await;
+    answer_once(
+        &server,
+        "POST",
+        format!("{ROOT}accounts"),
+        ResponseTemplate::new(201).set_body_json(account_row(id, 1, json!({}))),
+    )
+    .await;
     let store = store(&server);
     let outcome = store
         .write(&Write::upsert(named(&account("A:1+2"), "Colon")))
@@ -302,20 +356,24 @@ async fn a_missing_record_with_such_a_key_is_created_by_post_with_its_key_column
 #[tokio::test]
 async fn a_placeholder_with_such_a_key_that_appeared_meanwhile_reads_as_existed() {
     let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path(format!("{ROOT}accounts")))
-        .respond_with(ok_json(json!({"value": []})))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path(format!("{ROOT}accounts")))
-        .respond_with(odata_error(
+    answer(
+        &server,
+        "GET",
+        format!("{ROOT}accounts"),
+        ok_json(json!({"value": []})),
+    )
+    .await;
+    answer(
+        &server,
+        "POST",
+        format!("{ROOT}accounts"),
+        odata_error(
             409,
             "0x80040237",
             "Operation failed due to a SQL integrity violation.",
-        ))
-        .mount(&server)
-        .await;
+        ),
+    )
+    .await;
     let store = store(&server);
     let placeholder = placeholder(account("P/1"));
     let ensured = store.ensure_placeholders(vec![placeholder]).await;
@@ -335,27 +393,26 @@ async fn lookups_and_deletes_by_such_a_key_resolve_the_guid_first() {
         ))
         .mount(&server)
         .await;
-    Mock::given(method("PATCH"))
-        .and(path(format!("{ROOT}contacts({contact})")))
-        .respond_with(ok_json(json!({
+    answer(
+        &server,
+        "PATCH",
+        format!("{ROOT}contacts({contact})"),
+        ok_json(json!({
             "@odata.etag": "W/\"9\"", "contactid": contact.to_string(), STATE: false
-        })))
-        .mount(&server)
-        .await;
+        })),
+    )
+    .await;
     // The write by GUID reads the contact first (an exact write, since its lookup needs a query).
-    Mock::given(method("GET"))
-        .and(path(format!("{ROOT}contacts({contact})")))
-        .respond_with(ok_json(json!({
+    answer(&server, "GET", format!("{ROOT}contacts({contact})"), ok_json(json!({
             "@odata.etag": "W/\"8\"", "contactid": contact.to_string(), "fullname": "Ada", STATE: false
-        })))
-        .mount(&server)
-        .await;
-    Mock::given(method("DELETE"))
-        .and(path(format!("{ROOT}accounts({parent})")))
-        .respond_with(ResponseTemplate::new(204))
-        .expect(1)
-        .mount(&server)
-        .await;
+        }))).await;
+    answer_once(
+        &server,
+        "DELETE",
+        format!("{ROOT}accounts({parent})"),
+        ResponseTemplate::new(204),
+    )
+    .await;
     let store = store(&server);
     let write = Write::upsert(
         Record::builder(EntityRef::by_id("contact", contact).unwrap())
@@ -435,20 +492,16 @@ async fn a_key_too_long_for_any_url_is_rejected_unsent_and_not_retried() {
 #[tokio::test]
 async fn creates_by_key_default_to_the_documented_patch_with_if_none_match() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(format!("{ROOT}$batch")))
-        .respond_with(|_: &Request| {
-            batch_response(
-                &[part(
-                    None,
-                    "201 Created",
-                    Some(account_row(guid(1), 1, json!({}))),
-                )],
-                false,
-            )
-        })
-        .mount(&server)
-        .await;
+    answer_batches(
+        &server,
+        &[part(
+            None,
+            "201 Created",
+            Some(account_row(guid(1), 1, json!({}))),
+        )],
+        false,
+    )
+    .await;
     let store = store(&server);
     let ensured = store
         .ensure_placeholders(vec![placeholder(account("A-1"))])
@@ -471,11 +524,9 @@ async fn creates_by_key_default_to_the_documented_patch_with_if_none_match() {
 #[tokio::test]
 async fn post_with_keys_creates_by_post_and_reads_a_duplicate_as_existed() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(format!("{ROOT}$batch")))
-        .respond_with(|_: &Request| {
-            batch_response(
-                &[
+    answer_batches(
+        &server,
+        &[
                     part(None, "201 Created", Some(account_row(guid(1), 1, json!({})))),
                     part(
                         None,
@@ -488,11 +539,9 @@ async fn post_with_keys_creates_by_post_and_reads_a_duplicate_as_existed() {
                         Some(json!({"error": {"code": "0x80060892", "message": "Entity Key violated."}})),
                     ),
                 ],
-                false,
-            )
-        })
-        .mount(&server)
-        .await;
+        false,
+    )
+    .await;
     let store = config(&server)
         .with_create_strategy(CreateStrategy::PostWithKeys)
         .build()
@@ -649,32 +698,14 @@ async fn upsert_multiple_targets_can_repeat_the_key_columns() {
 #[tokio::test]
 async fn a_change_set_answered_in_another_order_keeps_each_write_its_own_id() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(format!("{ROOT}$batch")))
-        .respond_with(|_: &Request| {
-            batch_response(
-                &[
-                    part(
-                        Some("2"),
-                        "200 OK",
-                        Some(account_row(guid(2), 20, json!({}))),
-                    ),
-                    part(
-                        Some("1"),
-                        "200 OK",
-                        Some(account_row(guid(1), 10, json!({}))),
-                    ),
-                ],
-                true,
-            )
-        })
-        .mount(&server)
-        .await;
+    answer_batches(
+        &server,
+        &[ok_part(Some("2"), 2, 20), ok_part(Some("1"), 1, 10)],
+        true,
+    )
+    .await;
     let store = store(&server);
-    let writes = [
-        Write::upsert(named(&EntityRef::by_id("account", guid(1)).unwrap(), "one")),
-        Write::upsert(named(&EntityRef::by_id("account", guid(2)).unwrap(), "two")),
-    ];
+    let writes = two_writes_by_id();
     let outcomes = store.write_atomic(&writes).await.unwrap();
     assert_eq!(
         outcomes
@@ -693,25 +724,9 @@ async fn a_change_set_answered_in_another_order_keeps_each_write_its_own_id() {
 #[tokio::test]
 async fn a_missing_part_fails_every_write_it_makes_ambiguous() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(format!("{ROOT}$batch")))
-        .respond_with(|_: &Request| {
-            batch_response(
-                &[part(
-                    None,
-                    "200 OK",
-                    Some(account_row(guid(1), 10, json!({}))),
-                )],
-                false,
-            )
-        })
-        .mount(&server)
-        .await;
+    answer_batches(&server, &[ok_part(None, 1, 10)], false).await;
     let store = store(&server);
-    let writes = [
-        Write::upsert(named(&EntityRef::by_id("account", guid(1)).unwrap(), "one")),
-        Write::upsert(named(&EntityRef::by_id("account", guid(2)).unwrap(), "two")),
-    ];
+    let writes = two_writes_by_id();
     let results = store.write_batch(&writes).await;
     for result in &results {
         assert!(
@@ -721,27 +736,12 @@ async fn a_missing_part_fails_every_write_it_makes_ambiguous() {
     }
     // Same for an extra part with a Content-ID nobody sent, in a change set.
     server.reset().await;
-    Mock::given(method("POST"))
-        .and(path(format!("{ROOT}$batch")))
-        .respond_with(|_: &Request| {
-            batch_response(
-                &[
-                    part(
-                        Some("1"),
-                        "200 OK",
-                        Some(account_row(guid(1), 10, json!({}))),
-                    ),
-                    part(
-                        Some("9"),
-                        "200 OK",
-                        Some(account_row(guid(9), 90, json!({}))),
-                    ),
-                ],
-                true,
-            )
-        })
-        .mount(&server)
-        .await;
+    answer_batches(
+        &server,
+        &[ok_part(Some("1"), 1, 10), ok_part(Some("9"), 9, 90)],
+        true,
+    )
+    .await;
     let err = store.write_atomic(&writes).await.unwrap_err();
     assert!(matches!(err, Error::Protocol { .. }), "{err:?}");
 }
@@ -749,20 +749,16 @@ async fn a_missing_part_fails_every_write_it_makes_ambiguous() {
 #[tokio::test]
 async fn a_failed_change_set_part_without_content_id_is_still_a_typed_error() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path(format!("{ROOT}$batch")))
-        .respond_with(|_: &Request| {
-            batch_response(
-                &[part(
+    answer_batches(
+        &server,
+        &[part(
                     None,
                     "412 Precondition Failed",
                     Some(json!({"error": {"code": "0x80040237", "message": "A record with matching key values already exists."}})),
                 )],
-                true,
-            )
-        })
-        .mount(&server)
-        .await;
+        true,
+    )
+    .await;
     let store = store(&server);
     // One write: the error is that write's.
     let one = [Write::create_only(named(&account("C-1"), "one"))];
@@ -796,7 +792,7 @@ async fn a_429_inside_a_batch_is_retried_after_its_retry_after() {
                 assert_eq!(ops.len(), 2);
                 batch_response(
                     &[
-                        part(None, "200 OK", Some(account_row(guid(1), 10, json!({})))),
+                        ok_part(None, 1, 10),
                         Part {
                             content_id: None,
                             status: "429 Too Many Requests",
@@ -810,7 +806,7 @@ async fn a_429_inside_a_batch_is_retried_after_its_retry_after() {
                 assert_eq!(ops.len(), 1, "only the throttled operation is sent again");
                 assert!(ops[0].0.contains(&guid(2).to_string()), "{ops:?}");
                 batch_response(
-                    &[part(None, "200 OK", Some(account_row(guid(2), 20, json!({}))))],
+                    &[ok_part(None, 2, 20)],
                     false,
                 )
             }
@@ -818,10 +814,7 @@ async fn a_429_inside_a_batch_is_retried_after_its_retry_after() {
         .mount(&server)
         .await;
     let store = store(&server);
-    let writes = [
-        Write::upsert(named(&EntityRef::by_id("account", guid(1)).unwrap(), "one")),
-        Write::upsert(named(&EntityRef::by_id("account", guid(2)).unwrap(), "two")),
-    ];
+    let writes = two_writes_by_id();
     let started = std::time::Instant::now();
     let results = store.write_batch(&writes).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
