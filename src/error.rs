@@ -308,6 +308,33 @@ pub enum Error {
         reason: String,
     },
 
+    /// The store's answer does not follow its protocol: a 404 from something that is not the service (an empty
+    /// or HTML body instead of the OData error), a `$batch` response whose parts cannot be matched to the
+    /// requests. Whether the write was applied is unknown. Retryable when asking again may get a proper answer.
+    #[error("{backend}: unexpected response: {reason}")]
+    Protocol {
+        /// Which store.
+        backend: String,
+        /// What was wrong with the response, naming the record or operation where there is one.
+        reason: String,
+        /// Whether trying again may succeed.
+        retryable: bool,
+    },
+
+    /// A response body was larger than the configured limit; reading stopped there. Not retryable: the same
+    /// request gets the same answer (raise the limit, or ask for less).
+    #[error(
+        "{backend}: the response to {what} exceeds the limit of {limit} bytes; reading stopped"
+    )]
+    ResponseTooLarge {
+        /// Which store.
+        backend: String,
+        /// The request, such as `GET accounts`.
+        what: String,
+        /// The limit, in bytes.
+        limit: u64,
+    },
+
     /// Any other store failure.
     #[error("{backend}: {message}")]
     Backend {
@@ -335,7 +362,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Unavailable { .. } | Error::Throttled { .. } | Error::CircuitOpen { .. } => true,
-            Error::Backend { retryable, .. } => *retryable,
+            Error::Backend { retryable, .. } | Error::Protocol { retryable, .. } => *retryable,
             Error::ReferenceNotEnsured { source, .. } => source.is_retryable(),
             _ => false,
         }

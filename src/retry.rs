@@ -133,9 +133,11 @@ impl RetryPolicy {
         .sleep(tokio::time::sleep)
         .when(|err| err.is_retryable() && retry(err))
         .adjust(|err, backoff| {
-            // `None` from the backoff means the attempts are used up.
+            // `None` from the backoff means the attempts are used up. A `Retry-After` can be anything up to
+            // `u64::MAX` seconds: the sum saturates instead of overflowing, and a wait that would end past the
+            // total budget gives up (never retrying before the store said to).
             let wait = backoff?.max(err.retry_after().unwrap_or_default());
-            (started.elapsed() + wait <= self.max_elapsed).then_some(wait)
+            (started.elapsed().saturating_add(wait) <= self.max_elapsed).then_some(wait)
         })
         .notify(|err, wait| {
             tracing::info!(
@@ -299,6 +301,49 @@ mod tests {
             outcome,
             Err(Error::RetriesExhausted { attempts: 2, .. })
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_near_u64_max_gives_up_instead_of_overflowing() {
+        // A slow first attempt (the elapsed time is not zero), then a Retry-After no clock can represent.
+        let attempts = AtomicU32::new(0);
+        let started = Instant::now();
+        let outcome: Result<()> = steady()
+            .run(|| {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                async {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Err(Error::Throttled {
+                        backend: "test".into(),
+                        retry_after: Some(Duration::from_secs(u64::MAX)),
+                    })
+                }
+            })
+            .await;
+        assert_eq!(
+            attempts.load(Ordering::Relaxed),
+            1,
+            "no retry can fit the budget"
+        );
+        assert!(
+            matches!(outcome, Err(Error::Throttled { .. })),
+            "the throttling is reported as it is: {outcome:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "no wait was started"
+        );
+        // The same with the largest Duration there is, on a first attempt that took no time.
+        let outcome = script(
+            &steady(),
+            vec![Err(Error::Unavailable {
+                backend: "test".into(),
+                reason: "down".into(),
+                retry_after: Some(Duration::MAX),
+            })],
+        )
+        .await;
+        assert_eq!(outcome.1.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -83,8 +83,13 @@ pub struct TableSchema {
     pub primary_name: Option<ColumnName>,
     /// Declared alternate keys.
     pub alternate_keys: Vec<AlternateKeyDef>,
-    /// Lookup name → target table.
+    /// Lookup name → target table (for a polymorphic lookup, its first target).
     pub lookups: BTreeMap<ColumnName, TableName>,
+    /// The further target tables of polymorphic lookups (a customer lookup to `account` or `contact`), by lookup;
+    /// the first target is in [`lookups`](Self::lookups). A lookup's value says which target it references (the
+    /// [`EntityRef`](crate::EntityRef)'s table). Use [`lookup_targets`](Self::lookup_targets) for all of them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub more_lookup_targets: BTreeMap<ColumnName, Vec<TableName>>,
     /// Declared columns and their types. When empty, any column is accepted (schemaless tables); when not,
     /// every field must be declared here, be a key column or the primary name.
     pub columns: BTreeMap<ColumnName, ColumnType>,
@@ -101,6 +106,18 @@ impl TableSchema {
             lookups: Vec::new(),
             columns: Vec::new(),
         }
+    }
+
+    /// Every table `lookup` may point at: its target, or for a polymorphic lookup each of them, in declaration
+    /// order. Empty when the table has no such lookup.
+    pub fn lookup_targets<'a>(
+        &'a self,
+        lookup: &ColumnName,
+    ) -> impl Iterator<Item = &'a TableName> {
+        self.lookups
+            .get(lookup)
+            .into_iter()
+            .chain(self.more_lookup_targets.get(lookup).into_iter().flatten())
     }
 
     /// The declared alternate key with exactly `key`'s columns, with its index.
@@ -187,11 +204,15 @@ impl TableSchema {
                     column: name.clone(),
                 });
             };
-            if target.table != *target_table {
+            if target.table != *target_table
+                && !self.lookup_targets(name).any(|t| *t == target.table)
+            {
+                let targets: Vec<&str> = self.lookup_targets(name).map(TableName::as_str).collect();
                 return Err(invalid(
                     name,
                     format!(
-                        "lookup targets table '{target_table}', not '{}'",
+                        "lookup targets table '{}', not '{}'",
+                        targets.join("' or '"),
                         target.table
                     ),
                 ));
@@ -231,7 +252,7 @@ pub struct TableSchemaBuilder {
     primary_id: Option<Deferred<ColumnName>>,
     primary_name: Option<Deferred<ColumnName>>,
     alternate_keys: Vec<Deferred<Vec<(ColumnName, KeyKind)>>>,
-    lookups: Vec<(Deferred<ColumnName>, Deferred<TableName>)>,
+    lookups: Vec<(Deferred<ColumnName>, Deferred<Vec<TableName>>)>,
     columns: Vec<(Deferred<ColumnName>, ColumnType)>,
 }
 
@@ -267,7 +288,21 @@ impl TableSchemaBuilder {
         name: impl IntoName<ColumnName>,
         target: impl IntoName<TableName>,
     ) -> Self {
-        self.lookups.push((name.into_name(), target.into_name()));
+        self.lookups
+            .push((name.into_name(), target.into_name().map(|t| vec![t])));
+        self
+    }
+
+    /// Declares a polymorphic lookup that may point at any of `targets` (Dataverse's customer and regarding
+    /// lookups: `parentcustomerid` to `account` or `contact`). A record's value names the table it references.
+    pub fn polymorphic_lookup<T: IntoName<TableName>>(
+        mut self,
+        name: impl IntoName<ColumnName>,
+        targets: impl IntoIterator<Item = T>,
+    ) -> Self {
+        let targets: Result<Vec<TableName>> =
+            targets.into_iter().map(IntoName::into_name).collect();
+        self.lookups.push((name.into_name(), targets));
         self
     }
 
@@ -310,10 +345,22 @@ impl TableSchemaBuilder {
             alternate_keys.push(def);
         }
         let mut lookups = BTreeMap::new();
-        for (lookup, target) in self.lookups {
+        let mut more_lookup_targets = BTreeMap::new();
+        for (lookup, targets) in self.lookups {
             let lookup = lookup?;
-            if lookups.insert(lookup.clone(), target?).is_some() {
+            let mut targets = targets?.into_iter();
+            let Some(first) = targets.next() else {
+                return Err(invalid(format!("lookup '{lookup}' has no target table")));
+            };
+            if lookups.insert(lookup.clone(), first.clone()).is_some() {
                 return Err(invalid(format!("lookup '{lookup}' is declared twice")));
+            }
+            let more: Vec<TableName> = targets.collect();
+            if more.contains(&first) || (1..more.len()).any(|i| more[i..].contains(&more[i - 1])) {
+                return Err(invalid(format!("lookup '{lookup}' repeats a target table")));
+            }
+            if !more.is_empty() {
+                more_lookup_targets.insert(lookup, more);
             }
         }
         let mut columns = BTreeMap::new();
@@ -332,6 +379,7 @@ impl TableSchemaBuilder {
             primary_name,
             alternate_keys,
             lookups,
+            more_lookup_targets,
             columns,
         })
     }
@@ -356,7 +404,11 @@ impl Schema {
             }
         }
         for table in map.values() {
-            for (lookup, target) in &table.lookups {
+            let targets = table
+                .lookups
+                .keys()
+                .flat_map(|lookup| table.lookup_targets(lookup).map(move |t| (lookup, t)));
+            for (lookup, target) in targets {
                 if !map.contains_key(target) {
                     return Err(Error::InvalidConfig {
                         reason: format!(
@@ -400,6 +452,53 @@ mod tests {
         assert!(matches!(dup, Err(Error::InvalidConfig { reason }) if reason.contains("twice")));
         let t = TableSchema::builder("account").build().unwrap();
         assert_eq!(t.primary_id.as_str(), "accountid");
+    }
+
+    #[test]
+    fn a_polymorphic_lookup_takes_any_of_its_targets_and_no_other() {
+        use crate::key::EntityRef;
+        let contact = TableSchema::builder("contact")
+            .polymorphic_lookup("parentcustomerid", ["account", "contact"])
+            .build()
+            .unwrap();
+        let targets: Vec<&str> = contact
+            .lookup_targets(&ColumnName::new("parentcustomerid").unwrap())
+            .map(TableName::as_str)
+            .collect();
+        assert_eq!(targets, ["account", "contact"]);
+        let write = |target: &str| {
+            Record::builder(EntityRef::by_id("contact", uuid::Uuid::from_u128(1)).unwrap())
+                .lookup(
+                    "parentcustomerid",
+                    EntityRef::by_id(target, uuid::Uuid::from_u128(2)).unwrap(),
+                )
+                .build()
+                .unwrap()
+        };
+        assert!(contact.check_write(&write("account")).is_ok());
+        assert!(contact.check_write(&write("contact")).is_ok());
+        let err = contact.check_write(&write("lead")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("'account' or 'contact', not 'lead'"),
+            "{err}"
+        );
+        let err = Schema::new([contact.clone()]).unwrap_err();
+        assert!(err.to_string().contains("unknown table 'account'"), "{err}");
+        let account = TableSchema::builder("account").build().unwrap();
+        assert!(Schema::new([account, contact]).is_ok());
+        assert!(
+            TableSchema::builder("contact")
+                .polymorphic_lookup("parentcustomerid", ["account", "account"])
+                .build()
+                .is_err()
+        );
+        assert!(
+            TableSchema::builder("contact")
+                .polymorphic_lookup("parentcustomerid", Vec::<&str>::new())
+                .build()
+                .is_err()
+        );
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub(crate) struct Transport {
     pub breaker: CircuitBreaker,
     pub limiter: Limiter,
     pub bypass_custom_plugins: bool,
+    /// Largest response body read.
+    pub max_response_bytes: u64,
     pub counters: Counters,
 }
 
@@ -236,7 +238,13 @@ impl Transport {
         maybe_applied: &AtomicBool,
     ) -> Result<Response> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let url = format!("{}{}", self.root, request.path);
+        // Links the service returned (next pages, delta links) are followed as given, once checked to lead to
+        // this service (`store::follow_link`); everything else is relative to the root.
+        let url = if is_absolute(&request.path) {
+            request.path.clone()
+        } else {
+            format!("{}{}", self.root, request.path)
+        };
         let mut builder = self
             .http
             .request(request.method.clone(), &url)
@@ -275,16 +283,51 @@ impl Transport {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         self.limiter.follow(&headers);
-        let body = response.bytes().await.map_err(|e| {
-            maybe_applied.store(true, Ordering::Relaxed);
-            self.transport_error(&e)
-        })?;
+        let body = self
+            .read_body(response, request)
+            .await
+            .inspect_err(|_| maybe_applied.store(true, Ordering::Relaxed))?;
         tracing::trace!(status, path = %request.path, "response");
         Ok(Response {
             status,
             headers,
-            body: body.to_vec(),
+            body,
         })
+    }
+
+    /// Reads a body up to [`max_response_bytes`](Self::max_response_bytes): a larger `Content-Length` fails
+    /// before reading, a longer body as soon as it passes the limit.
+    async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        request: &Request,
+    ) -> Result<Vec<u8>> {
+        let limit = self.max_response_bytes;
+        let too_large = || {
+            tracing::warn!(limit, path = %request.path, "response body over the limit; reading stopped");
+            Error::ResponseTooLarge {
+                backend: self.name.clone(),
+                what: format!("{} {}", request.method, request.path),
+                limit,
+            }
+        };
+        let expected = response.content_length();
+        if expected.is_some_and(|length| length > limit) {
+            return Err(too_large());
+        }
+        let capacity = expected.unwrap_or(0).min(limit).min(1 << 20);
+        let mut body = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(&e))?
+        {
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     fn transport_error(&self, e: &reqwest::Error) -> Error {
@@ -302,6 +345,12 @@ impl Transport {
             retry_after: None,
         }
     }
+}
+
+/// Whether a request path is an absolute URL (a link the service returned) rather than relative to the root.
+pub(crate) fn is_absolute(path: &str) -> bool {
+    let lower = path.get(..8).unwrap_or(path).to_ascii_lowercase();
+    lower.starts_with("https://") || lower.starts_with("http://")
 }
 
 /// The parallel-request limit: at most `max` (≤ 52) requests in flight, lowered (or raised back, up to `max`) to

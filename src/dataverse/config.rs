@@ -31,14 +31,52 @@ pub enum BulkSupport {
     Unsupported,
 }
 
+/// How a create-only write by alternate key is sent (placeholders, and the create step of an exact write).
+///
+/// Microsoft documents `PATCH <entityset>(<key>)` with `If-None-Match: *` (create, or `412` if the row exists),
+/// and that is the default. A field report (UNCONFIRMED, no capture) says a live org answered that request with
+/// `404`; for such orgs choose [`PostWithKeys`](Self::PostWithKeys), or [`Detect`](Self::Detect) to find out per
+/// table. Writes by GUID always use the PATCH.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CreateStrategy {
+    /// `PATCH` to the key address with `If-None-Match: *`: what the documentation describes (default).
+    #[default]
+    PatchIfNoneMatch,
+    /// `POST` to the entity set with the key columns in the body. A duplicate key (`0x80040237` DuplicateRecord,
+    /// `0x80060892` DuplicateRecordEntityKey, answered `409` or `412`) means the row exists.
+    PostWithKeys,
+    /// Try the PATCH; when a table answers it with a `404` that names no lookup target, switch that table to
+    /// `POST` for the lifetime of the store (the write is sent again as a POST) and log it once.
+    Detect,
+}
+
+/// What an `UpsertMultiple` target carries to name its row.
+///
+/// The documented body (UpsertMultiple reference) names the row by `"@odata.id": "accounts(accountnumber='A-1')"`
+/// and does not repeat the key columns; that is the default. A field report (UNCONFIRMED) says a real org
+/// rejects targets that also carry the key columns with `400`, while older builds of this crate always sent them
+/// (in case a created row did not get its key from `@odata.id`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BulkKeyColumns {
+    /// `@odata.id` only: key columns are left out of the target, even when the record's fields repeat them
+    /// (default; the documented shape).
+    #[default]
+    ODataIdOnly,
+    /// `@odata.id` and the key columns as properties (the body of earlier releases).
+    ODataIdAndKeyColumns,
+}
+
 /// The Dataverse side of one table: names the core schema does not know.
 #[derive(Clone, Debug)]
 pub struct DataverseTable {
     pub(crate) table: Option<TableName>,
     pub(crate) entity_set: Option<String>,
     pub(crate) navigation: BTreeMap<ColumnName, String>,
+    /// Navigation properties by lookup and target table (polymorphic lookups).
+    pub(crate) target_navigation: BTreeMap<(ColumnName, TableName), String>,
     pub(crate) state_column: Option<ColumnName>,
     pub(crate) bulk: BulkSupport,
+    pub(crate) create_strategy: Option<CreateStrategy>,
     pub(crate) error: Option<Error>,
 }
 
@@ -53,8 +91,10 @@ impl DataverseTable {
             table,
             entity_set: None,
             navigation: BTreeMap::new(),
+            target_navigation: BTreeMap::new(),
             state_column: None,
             bulk: BulkSupport::Probe,
+            create_strategy: None,
             error,
         }
     }
@@ -94,6 +134,43 @@ impl DataverseTable {
                 self.error.get_or_insert(e);
             }
         }
+        self
+    }
+
+    /// The navigation property that sets a lookup when it points at `target` (`parentcustomerid` to an
+    /// `account` → `parentcustomerid_account`, to a `contact` → `parentcustomerid_contact`). Needed for
+    /// polymorphic lookups (customer, regarding); it wins over [`with_navigation`](Self::with_navigation) for that
+    /// target. [`DataverseConfig::load_metadata`] fills these in from the relationships' `ReferencedEntity`.
+    pub fn with_target_navigation(
+        mut self,
+        lookup: impl IntoName<ColumnName>,
+        target: impl IntoName<TableName>,
+        property: &str,
+    ) -> Self {
+        match (lookup.into_name(), target.into_name()) {
+            (Ok(lookup), Ok(target)) if is_identifier(property) => {
+                self.target_navigation
+                    .insert((lookup, target), property.to_owned());
+            }
+            (Ok(lookup), Ok(target)) => {
+                self.error.get_or_insert(Error::InvalidConfig {
+                    reason: format!(
+                        "table '{}', lookup '{lookup}' to '{target}': navigation property {property:?} is not an identifier",
+                        self.name()
+                    ),
+                });
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// How create-only writes by alternate key are sent to this table (default: the store's
+    /// [`DataverseConfig::with_create_strategy`]).
+    pub fn with_create_strategy(mut self, strategy: CreateStrategy) -> Self {
+        self.create_strategy = Some(strategy);
         self
     }
 
@@ -176,8 +253,26 @@ pub struct DataverseConfig {
     pub(crate) tag: Option<String>,
     pub(crate) root_certificates: Vec<String>,
     pub(crate) http: Option<reqwest::Client>,
+    pub(crate) create_strategy: CreateStrategy,
+    pub(crate) bulk_key_columns: BulkKeyColumns,
+    pub(crate) max_key_segment: usize,
+    pub(crate) max_url_length: usize,
+    pub(crate) max_response_bytes: u64,
     pub(crate) error: Option<Error>,
 }
+
+/// Default for [`DataverseConfig::with_max_key_segment`]: 260 characters, the default `UrlSegmentMaxLength` of
+/// Windows' HTTP.sys, in front of which Dataverse runs (a sensible guess; the Dataverse docs state no segment
+/// limit).
+pub const DEFAULT_MAX_KEY_SEGMENT: usize = 260;
+
+/// Default for [`DataverseConfig::with_max_url_length`]: 32,768 characters, the documented limit of a request URL
+/// (compose-http-requests).
+pub const DEFAULT_MAX_URL_LENGTH: usize = 32_768;
+
+/// Default for [`DataverseConfig::with_max_response_bytes`]: 64 MiB, room for the largest page (5,000 rows) of
+/// wide rows.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Clone)]
 pub(crate) enum Auth {
@@ -213,6 +308,11 @@ impl fmt::Debug for DataverseConfig {
             .field("timeout", &self.timeout)
             .field("bypass_custom_plugins", &self.bypass_custom_plugins)
             .field("tag", &self.tag)
+            .field("create_strategy", &self.create_strategy)
+            .field("bulk_key_columns", &self.bulk_key_columns)
+            .field("max_key_segment", &self.max_key_segment)
+            .field("max_url_length", &self.max_url_length)
+            .field("max_response_bytes", &self.max_response_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -241,6 +341,11 @@ impl DataverseConfig {
             tag: None,
             root_certificates: Vec::new(),
             http: None,
+            create_strategy: CreateStrategy::default(),
+            bulk_key_columns: BulkKeyColumns::default(),
+            max_key_segment: DEFAULT_MAX_KEY_SEGMENT,
+            max_url_length: DEFAULT_MAX_URL_LENGTH,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             error: None,
         }
     }
@@ -407,6 +512,46 @@ impl DataverseConfig {
     /// Uses this HTTP client (its timeout and certificates replace the ones set here).
     pub fn with_http_client(mut self, client: reqwest::Client) -> Self {
         self.http = Some(client);
+        self
+    }
+
+    /// How create-only writes by alternate key are sent, for tables that do not say
+    /// ([`DataverseTable::with_create_strategy`]). Default [`CreateStrategy::PatchIfNoneMatch`], as documented.
+    pub fn with_create_strategy(mut self, strategy: CreateStrategy) -> Self {
+        self.create_strategy = strategy;
+        self
+    }
+
+    /// Whether `UpsertMultiple` targets repeat their key columns next to `@odata.id` (default
+    /// [`BulkKeyColumns::ODataIdOnly`], the documented body).
+    pub fn with_bulk_key_columns(mut self, shape: BulkKeyColumns) -> Self {
+        self.bulk_key_columns = shape;
+        self
+    }
+
+    /// Longest alternate-key path segment (`accounts(accountnumber='...')`, percent-encoded) put in a URL
+    /// (default [`DEFAULT_MAX_KEY_SEGMENT`]). A longer key, like one holding a character the documentation says
+    /// breaks key addressing (`/ < > * % & : \ ? +`), is found by a `$filter` query on its columns and then
+    /// addressed by GUID, and created by a `POST` with the key columns in the body. Such a key is never retried
+    /// as an outage and never counts against the circuit breaker.
+    pub fn with_max_key_segment(mut self, characters: usize) -> Self {
+        self.max_key_segment = characters.max(1);
+        self
+    }
+
+    /// Longest request URL sent (default [`DEFAULT_MAX_URL_LENGTH`], the documented limit). A key whose `$filter`
+    /// query would be longer is rejected with [`Error::InvalidKey`] before anything is sent (Dataverse keys hold
+    /// at most 900 bytes, so such a key cannot exist there).
+    pub fn with_max_url_length(mut self, characters: usize) -> Self {
+        self.max_url_length = characters.max(1);
+        self
+    }
+
+    /// Largest response body read (default [`DEFAULT_MAX_RESPONSE_BYTES`]). Reading stops at the limit and the
+    /// request fails with [`Error::ResponseTooLarge`] naming it; a `Content-Length` over the limit fails before
+    /// reading.
+    pub fn with_max_response_bytes(mut self, bytes: u64) -> Self {
+        self.max_response_bytes = bytes.max(1);
         self
     }
 

@@ -15,5 +15,9 @@ mod store;
 mod tables;
 
 pub use client::{CLIENT_REQUEST_HEADER, CORRELATION_HEADER, TransportStats};
-pub use config::{API_PATH, BulkSupport, DataverseConfig, DataverseTable, MAX_PARALLEL_REQUESTS};
+pub use config::{
+    API_PATH, BulkKeyColumns, BulkSupport, CreateStrategy, DEFAULT_MAX_KEY_SEGMENT,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_URL_LENGTH, DataverseConfig, DataverseTable,
+    MAX_PARALLEL_REQUESTS,
+};
 pub use store::{BulkReport, ChangePage, DataverseStore, RowChange};

@@ -47,6 +47,38 @@ pub fn key_segment(key: &Key) -> String {
     }
 }
 
+/// Characters that Microsoft documents as breaking a GET or PATCH by alternate key when they occur in a key value,
+/// however they are encoded (define-alternate-keys). A key holding one is found with [`key_filter`] instead.
+pub const FORBIDDEN_KEY_CHARACTERS: &[char] = &['/', '<', '>', '*', '%', '&', ':', '\\', '?', '+'];
+
+/// Whether a key value holds a [forbidden character](FORBIDDEN_KEY_CHARACTERS), so that the key cannot address
+/// a record in a URL path. GUID keys never do.
+pub fn has_forbidden_characters(key: &Key) -> bool {
+    match key {
+        Key::Id(_) => false,
+        Key::Alternate(key) => key.parts().any(
+            |(_, value)| matches!(value, KeyValue::String(s) if s.contains(FORBIDDEN_KEY_CHARACTERS)),
+        ),
+    }
+}
+
+/// A `$filter` expression matching an alternate key's values, encoded for a query string:
+/// `accountnumber%20eq%20'O%27%27Brien%2F1'`, parts joined with `%20and%20`. String values follow the OData
+/// literal rules of [`literal`] (quotes doubled, then percent-encoded), so no value can end the expression or the
+/// parameter. A GUID key becomes `<primary id> eq <guid>`.
+pub fn key_filter(key: &Key, primary_id: &str) -> String {
+    match key {
+        Key::Id(id) => format!("{primary_id}%20eq%20{id}"),
+        Key::Alternate(key) => {
+            let parts: Vec<String> = key
+                .parts()
+                .map(|(column, value)| format!("{column}%20eq%20{}", literal(value)))
+                .collect();
+            parts.join("%20and%20")
+        }
+    }
+}
+
 /// A record's path relative to the service root: `accounts(accountnumber='A-1')`. Also the value of a lookup's
 /// `<navigation>@odata.bind`, with a leading `/`.
 pub fn entity_path(entity_set: &TableName, key: &Key) -> String {
@@ -83,6 +115,44 @@ mod tests {
         assert_eq!(
             decoded, "(accountnumber='O''Brien & Co/1?#x=%2F')",
             "decodes to the OData literal"
+        );
+    }
+
+    #[test]
+    fn forbidden_characters_and_filters() {
+        for c in FORBIDDEN_KEY_CHARACTERS {
+            assert!(
+                has_forbidden_characters(&key(&[("accountnumber", format!("A{c}1").into())])),
+                "{c}"
+            );
+        }
+        assert!(!has_forbidden_characters(&key(&[(
+            "accountnumber",
+            "O'Brien-1 x".into()
+        )])));
+        assert!(!has_forbidden_characters(&key(&[(
+            "new_externalid",
+            7.into()
+        )])));
+        assert!(!has_forbidden_characters(&Key::Id(uuid::Uuid::from_u128(
+            1
+        ))));
+        let composite = key(&[
+            ("emailaddress1", "o'b/1@x".into()),
+            ("new_externalid", 7.into()),
+        ]);
+        let filter = key_filter(&composite, "contactid");
+        assert_eq!(
+            filter,
+            "emailaddress1%20eq%20'o%27%27b%2F1%40x'%20and%20new_externalid%20eq%207"
+        );
+        assert_eq!(
+            percent_decode_str(&filter).decode_utf8().unwrap(),
+            "emailaddress1 eq 'o''b/1@x' and new_externalid eq 7"
+        );
+        assert_eq!(
+            key_filter(&Key::Id(uuid::Uuid::from_u128(1)), "accountid"),
+            "accountid%20eq%2000000000-0000-0000-0000-000000000001"
         );
     }
 

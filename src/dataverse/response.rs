@@ -70,6 +70,28 @@ pub fn parse_error_body(body: &[u8]) -> ODataError {
     }
 }
 
+/// The OData error envelope, when the body is one; `None` for anything else (empty, HTML, other JSON).
+pub fn parse_envelope(body: &[u8]) -> Option<ODataError> {
+    serde_json::from_slice::<Envelope>(body)
+        .ok()
+        .map(|envelope| envelope.error)
+}
+
+/// Whether a 404 body says that the addressed row does not exist: only the service's OData error envelope with
+/// the ObjectDoesNotExist or RecordNotFoundByEntityKey code does (or, as in older captures, an empty code and a
+/// "Does Not Exist" message). An empty or HTML body comes from something in front of the service (a proxy, a
+/// gateway, a wrong URL) and says nothing about the row.
+pub fn is_missing_row(body: &[u8]) -> bool {
+    parse_envelope(body).is_some_and(|error| match error.code.as_str() {
+        codes::OBJECT_DOES_NOT_EXIST | codes::RECORD_NOT_FOUND_BY_ENTITY_KEY => true,
+        "" => error
+            .message
+            .to_ascii_lowercase()
+            .contains("does not exist"),
+        _ => false,
+    })
+}
+
 /// Parses a `Retry-After` header: delay-seconds (what Dataverse sends) or an HTTP date, relative to `now`.
 /// A date in the past means "now" (zero); anything else unparseable is ignored.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
@@ -99,8 +121,10 @@ pub struct RequestContext<'a> {
 /// | 429 | [`Error::Throttled`] with `Retry-After` (service protection) |
 /// | 408, 500, 502, 503, 504 | [`Error::Unavailable`], transient |
 /// | 401 / 403 | [`Error::Unauthorized`] / [`Error::Forbidden`] |
-/// | 404 with ObjectDoesNotExist or RecordNotFoundByEntityKey | [`Error::MissingReference`] when the missing record is one of the write's lookup targets, else [`Error::NotFound`] |
+/// | 404 with ObjectDoesNotExist or RecordNotFoundByEntityKey ([`is_missing_row`]) | [`Error::MissingReference`] when the missing record is one of the write's lookup targets, else [`Error::NotFound`] |
+/// | 404 without the OData error body (empty, HTML) | [`Error::Protocol`], retryable: not the service speaking |
 /// | 412 | [`Error::AlreadyExists`] for create-only, [`Error::VersionMismatch`] for version-matched writes |
+/// | 409 with DuplicateRecord or DuplicateRecordEntityKey | [`Error::AlreadyExists`] for create-only |
 /// | anything else | [`Error::Backend`], not retryable, with status, code and message |
 pub fn map_error(
     status: u16,
@@ -132,9 +156,34 @@ pub fn map_error(
             backend,
             message: error.message,
         },
-        404 => not_found(&error, context).unwrap_or_else(|| backend_error(backend, described())),
+        404 if parse_envelope(body).is_none() => Error::Protocol {
+            backend,
+            reason: format!(
+                "HTTP 404 without an OData error body{}: not the service's answer (a proxy, a gateway or a wrong URL?)",
+                context
+                    .write
+                    .map(|w| &w.record.reference)
+                    .or(context.reference)
+                    .map(|r| format!(" for {r}"))
+                    .unwrap_or_default()
+            ),
+            retryable: true,
+        },
+        404 if is_missing_row(body) => {
+            not_found(&error, context).unwrap_or_else(|| backend_error(backend, described()))
+        }
         412 => precondition_failed(&error, context)
             .unwrap_or_else(|| backend_error(backend, described())),
+        409 if matches!(
+            error.code.as_str(),
+            codes::DUPLICATE_RECORD | codes::DUPLICATE_RECORD_ENTITY_KEY
+        ) && context
+            .write
+            .is_some_and(|w| w.precondition == Precondition::CreateOnly) =>
+        {
+            precondition_failed(&error, context)
+                .unwrap_or_else(|| backend_error(backend, described()))
+        }
         _ => backend_error(backend, described()),
     }
 }
@@ -336,6 +385,63 @@ mod tests {
         assert!(
             matches!(map(404, &body, &write), Error::NotFound { reference } if *reference == write.record.reference)
         );
+    }
+
+    #[test]
+    fn a_404_that_is_not_the_services_error_body_is_not_a_missing_row() {
+        let write = contact_write(
+            Precondition::UpdateOnly,
+            EntityRef::by_id("account", Uuid::from_u128(1)).unwrap(),
+        );
+        for body in [
+            "",
+            "<html><body>404 Not Found</body></html>",
+            "{\"value\":[]}",
+        ] {
+            assert!(!is_missing_row(body.as_bytes()), "{body:?}");
+            let err = map(404, body, &write);
+            assert!(
+                matches!(&err, Error::Protocol { retryable: true, reason, .. } if reason.contains("contact(")),
+                "{body:?}: {err:?}"
+            );
+        }
+        // The service's envelope with another code (an unknown entity set) is not a missing row either.
+        let unknown = r#"{"error":{"code":"0x8006088a","message":"Resource not found for the segment 'acounts'."}}"#;
+        assert!(!is_missing_row(unknown.as_bytes()));
+        assert!(matches!(
+            map(404, unknown, &write),
+            Error::Backend {
+                retryable: false,
+                ..
+            }
+        ));
+        assert!(is_missing_row(
+            br#"{"error":{"code":"0x80060891","message":"A record with the specified key values does not exist in account entity"}}"#
+        ));
+    }
+
+    #[test]
+    fn a_409_duplicate_on_a_create_only_write_means_it_exists() {
+        let parent = EntityRef::by_id("account", Uuid::from_u128(1)).unwrap();
+        for code in [codes::DUPLICATE_RECORD, codes::DUPLICATE_RECORD_ENTITY_KEY] {
+            let body = format!(r#"{{"error":{{"code":"{code}","message":"duplicate"}}}}"#);
+            assert!(matches!(
+                map(
+                    409,
+                    &body,
+                    &contact_write(Precondition::CreateOnly, parent.clone())
+                ),
+                Error::AlreadyExists { .. }
+            ));
+            assert!(matches!(
+                map(
+                    409,
+                    &body,
+                    &contact_write(Precondition::None, parent.clone())
+                ),
+                Error::Backend { .. }
+            ));
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! [`DataverseStore`]: a [`RecordStore`] over the Dataverse Web API.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -16,10 +17,15 @@ use crate::correlation;
 use crate::dataverse::batch::{
     self, BatchRequest, Operation, OperationResponse, Part, ResponsePart,
 };
-use crate::dataverse::client::{Counters, Limiter, Request, Response, Transport, TransportStats};
-use crate::dataverse::config::{API_PATH, BulkSupport, DataverseConfig};
+use crate::dataverse::client::{
+    Counters, Limiter, Request, Response, Transport, TransportStats, is_absolute,
+};
+use crate::dataverse::config::{
+    API_PATH, BulkKeyColumns, BulkSupport, CreateStrategy, DataverseConfig,
+};
+use crate::dataverse::odata::{has_forbidden_characters, key_filter};
 use crate::dataverse::response::{
-    RequestContext, codes, map_error, parse_error_body, parse_retry_after,
+    RequestContext, codes, is_missing_row, map_error, parse_error_body, parse_retry_after,
 };
 use crate::dataverse::tables::{Row, TableInfo, etag};
 use crate::error::{Error, Result};
@@ -69,6 +75,9 @@ struct Inner {
     bulk_chunk: usize,
     tag: Option<String>,
     bulk_probe: tokio::sync::Mutex<BTreeMap<TableName, bool>>,
+    bulk_key_columns: BulkKeyColumns,
+    max_key_segment: usize,
+    max_url_length: usize,
 }
 
 /// One page of a table's changes ([`DataverseStore::changes`]).
@@ -151,7 +160,11 @@ impl DataverseConfig {
         let auth = self.token_provider(&http, &org)?;
         let mut tables = BTreeMap::new();
         for schema in self.schema.tables() {
-            let info = TableInfo::new(schema.clone(), self.tables.get(&schema.name))?;
+            let info = TableInfo::new(
+                schema.clone(),
+                self.tables.get(&schema.name),
+                self.create_strategy,
+            )?;
             tables.insert(schema.name.clone(), info);
         }
         if let Some(unknown) = self.tables.keys().find(|t| !tables.contains_key(*t)) {
@@ -170,6 +183,7 @@ impl DataverseConfig {
             breaker: CircuitBreaker::new(name, self.breaker),
             limiter: Limiter::new(self.max_parallel, self.follow_dop_hint),
             bypass_custom_plugins: self.bypass_custom_plugins,
+            max_response_bytes: self.max_response_bytes,
             counters: Counters::default(),
         };
         Ok(DataverseStore {
@@ -180,18 +194,27 @@ impl DataverseConfig {
                 bulk_chunk: self.bulk_chunk.get(),
                 tag: self.tag,
                 bulk_probe: tokio::sync::Mutex::new(BTreeMap::new()),
+                bulk_key_columns: self.bulk_key_columns,
+                max_key_segment: self.max_key_segment,
+                max_url_length: self.max_url_length,
             }),
         })
     }
 
     /// Fills in what the settings leave open (entity set names, lookup navigation properties) from the
     /// service's metadata (`EntityDefinitions`). Explicit settings win.
+    ///
+    /// Each many-to-one relationship binds its navigation property to the lookup (`ReferencingAttribute`) *and*
+    /// the table it points at (`ReferencedEntity`), whatever order the service lists them in: a polymorphic
+    /// lookup such as `parentcustomerid` gets `parentcustomerid_account` for accounts and
+    /// `parentcustomerid_contact` for contacts, and a relationship to a table the lookup does not declare is
+    /// ignored.
     pub async fn load_metadata(mut self) -> Result<Self> {
         let store = self.clone().build()?;
         let names: Vec<TableName> = self.schema.tables().map(|t| t.name.clone()).collect();
         for table in names {
             let path = format!(
-                "EntityDefinitions(LogicalName='{table}')?$select=LogicalName,EntitySetName&$expand=ManyToOneRelationships($select=ReferencingAttribute,ReferencingEntityNavigationPropertyName)"
+                "EntityDefinitions(LogicalName='{table}')?$select=LogicalName,EntitySetName&$expand=ManyToOneRelationships($select=ReferencingAttribute,ReferencingEntityNavigationPropertyName,ReferencedEntity)"
             );
             let response = store
                 .inner
@@ -215,24 +238,42 @@ impl DataverseConfig {
             {
                 settings = settings.with_entity_set(set);
             }
-            let lookups = self.schema.table(&table)?.lookups.clone();
+            let schema = self.schema.table(&table)?;
             for relationship in body
                 .get("ManyToOneRelationships")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
             {
-                let attribute = relationship
-                    .get("ReferencingAttribute")
-                    .and_then(Value::as_str);
-                let property = relationship
-                    .get("ReferencingEntityNavigationPropertyName")
-                    .and_then(Value::as_str);
-                if let (Some(attribute), Some(property)) = (attribute, property)
-                    && let Some((lookup, _)) = lookups.get_key_value(attribute)
-                    && !settings.navigation.contains_key(lookup)
+                let text = |name: &str| relationship.get(name).and_then(Value::as_str);
+                let (Some(attribute), Some(property)) = (
+                    text("ReferencingAttribute"),
+                    text("ReferencingEntityNavigationPropertyName"),
+                ) else {
+                    continue;
+                };
+                let Some((lookup, first)) = schema.lookups.get_key_value(attribute) else {
+                    continue;
+                };
+                if settings.navigation.contains_key(lookup) {
+                    continue;
+                }
+                // Without `ReferencedEntity` (an older service), a relationship can only be taken for a lookup
+                // with one target.
+                let target = match text("ReferencedEntity") {
+                    Some(referenced) => schema
+                        .lookup_targets(lookup)
+                        .find(|t| t.as_str() == referenced),
+                    None if schema.lookup_targets(lookup).nth(1).is_none() => Some(first),
+                    None => None,
+                };
+                if let Some(target) = target
+                    && !settings
+                        .target_navigation
+                        .contains_key(&(lookup.clone(), target.clone()))
                 {
-                    settings = settings.with_navigation(lookup.clone(), property);
+                    settings =
+                        settings.with_target_navigation(lookup.clone(), target.clone(), property);
                 }
             }
             self = self.with_table(settings);
@@ -247,9 +288,8 @@ fn normalize_org_url(url: &str) -> Result<String> {
     let trimmed = trimmed
         .strip_suffix(API_PATH.trim_end_matches('/'))
         .unwrap_or(trimmed);
-    let valid = (trimmed.starts_with("https://") || trimmed.starts_with("http://"))
-        && !host_of(trimmed).is_empty()
-        && !trimmed.contains(['?', '#', ' ']);
+    let valid =
+        is_absolute(trimmed) && !host_of(trimmed).is_empty() && !trimmed.contains(['?', '#', ' ']);
     if !valid {
         return Err(Error::InvalidConfig {
             reason: format!(
@@ -258,6 +298,51 @@ fn normalize_org_url(url: &str) -> Result<String> {
         });
     }
     Ok(trimmed.to_owned())
+}
+
+/// The request path for a link the service returned (`@odata.nextLink`, `@odata.deltaLink`): relative to the
+/// service root when it starts with it, else the absolute link as it is. Scheme and host compare without regard
+/// to case and default ports (the service writes `contoso.crm.dynamics.com` when the configuration says
+/// `Contoso.crm.dynamics.com`), and a different path prefix (`/api/data/v9.0/`) is followed verbatim. `None` when
+/// the link leads to another origin: the bearer token is never sent there.
+fn follow_link(root: &str, link: &str) -> Option<String> {
+    let (root_origin, root_path) = split_origin(root)?;
+    let (link_origin, link_path) = split_origin(link)?;
+    if origin_key(root_origin) != origin_key(link_origin) {
+        return None;
+    }
+    let relative = link_path
+        .get(..root_path.len())
+        .filter(|prefix| prefix.eq_ignore_ascii_case(root_path))
+        .map(|_| &link_path[root_path.len()..]);
+    Some(relative.map_or_else(|| link.to_owned(), str::to_owned))
+}
+
+/// `https://host:443/api/...` → (`https://host:443`, `/api/...`).
+fn split_origin(url: &str) -> Option<(&str, &str)> {
+    if !is_absolute(url) {
+        return None;
+    }
+    let start = url.find("://")? + 3;
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    Some((
+        &url[..end],
+        url.get(end..).filter(|p| !p.is_empty()).unwrap_or("/"),
+    ))
+}
+
+/// An origin in lower case without its default port.
+fn origin_key(origin: &str) -> String {
+    let lower = origin.to_ascii_lowercase();
+    lower
+        .strip_suffix(":443")
+        .filter(|_| lower.starts_with("https://"))
+        .or_else(|| {
+            lower
+                .strip_suffix(":80")
+                .filter(|_| lower.starts_with("http://"))
+        })
+        .map_or_else(|| lower.clone(), str::to_owned)
 }
 
 fn host_of(url: &str) -> &str {
@@ -344,8 +429,8 @@ impl DataverseStore {
             }
             match page.get("@odata.nextLink").and_then(Value::as_str) {
                 // The link is absolute; it is followed as given (Microsoft: never edit it).
-                Some(next) => match next.strip_prefix(inner.transport.root.as_str()) {
-                    Some(relative) => path = relative.to_owned(),
+                Some(next) => match follow_link(&inner.transport.root, next) {
+                    Some(relative) => path = relative,
                     None => {
                         return Err(self.backend_error(format!(
                             "a next-page link outside the service root: {next}"
@@ -382,6 +467,12 @@ impl DataverseStore {
         let inner = &self.inner;
         let info = inner.table(table)?;
         let path = match from {
+            Some(link) if is_absolute(link) => follow_link(&inner.transport.root, link)
+                .ok_or_else(|| {
+                    self.backend_error(format!(
+                        "table '{table}': the change link {link} leads to another service"
+                    ))
+                })?,
             Some(link) => link.to_owned(),
             None => info.read_path_collection(),
         };
@@ -432,10 +523,8 @@ impl DataverseStore {
             (None, None) => return Err(malformed("with neither a next link nor a delta link")),
         };
         // Links are absolute; they are kept relative to the service root and otherwise as given (never edited).
-        let next = link
-            .strip_prefix(inner.transport.root.as_str())
-            .ok_or_else(|| malformed("whose link leaves the service root"))?
-            .to_owned();
+        let next = follow_link(&inner.transport.root, link)
+            .ok_or_else(|| malformed("whose link leads to another service"))?;
         Ok(ChangePage {
             changes,
             next,
@@ -548,6 +637,12 @@ impl Inner {
     async fn read(&self, reference: &EntityRef) -> Result<Option<StoredRecord>> {
         let table = self.addressed(reference)?;
         let context = self.context(Some(reference), None);
+        if self.by_filter(table, &reference.key) {
+            let row = self
+                .find_by_filter(table, &reference.key, table.read_select(), &context)
+                .await?;
+            return row.map(|row| table.stored(row)).transpose();
+        }
         let request = Request::new(Method::GET, table.read_path(&reference.key), "read");
         let response = self.execute(request, &context).await?;
         match response.status {
@@ -566,17 +661,25 @@ impl Inner {
         let reference = &delete.reference;
         let table = self.addressed(reference)?;
         let context = self.context(Some(reference), None);
-        let mut request = Request::new(
-            Method::DELETE,
-            self.tagged(table.address(&reference.key)),
-            "delete",
-        );
+        let (key, id) = if self.by_filter(table, &reference.key) {
+            let select = table.schema.primary_id.to_string();
+            match self
+                .find_by_filter(table, &reference.key, Some(&select), &context)
+                .await?
+            {
+                Some(row) => (Key::Id(row.id), Some(row.id)),
+                None => return Ok(DeleteOutcome::Absent),
+            }
+        } else {
+            (reference.key.clone(), reference.id())
+        };
+        let mut request = Request::new(Method::DELETE, self.tagged(table.address(&key)), "delete");
         if let DeletePrecondition::MatchVersion(version) = delete.precondition {
             request = request.header("If-Match", etag(version));
         }
         let response = self.execute(request, &context).await?;
         match (response.status, delete.precondition) {
-            (200 | 204, _) => Ok(DeleteOutcome::deleted(reference.id(), None)),
+            (200 | 204, _) => Ok(DeleteOutcome::deleted(id, None)),
             (404, _) if is_missing_row(&response.body) => Ok(DeleteOutcome::Absent),
             (412, DeletePrecondition::MatchVersion(expected)) => Err(Error::VersionMismatch {
                 reference: Box::new(reference.clone()),
@@ -591,6 +694,148 @@ impl Inner {
         self.tables.get(name).ok_or_else(|| Error::UnknownTable {
             table: name.clone(),
         })
+    }
+
+    /// Whether `key` cannot address a row in a URL path and is found by a `$filter` query instead: a value with a
+    /// character the documentation says breaks key addressing, or a key segment over the configured length.
+    fn by_filter(&self, table: &TableInfo, key: &Key) -> bool {
+        matches!(key, Key::Alternate(_))
+            && (has_forbidden_characters(key) || table.address(key).len() > self.max_key_segment)
+    }
+
+    /// Whether one of the record's lookup targets is addressed by such a key.
+    fn lookups_by_filter(&self, record: &Record) -> bool {
+        record.lookups.values().any(|target| {
+            self.table(&target.table)
+                .is_ok_and(|table| self.by_filter(table, &target.key))
+        })
+    }
+
+    /// The row with these key values, found by `$filter` on the key columns (`$top=2`, to notice a second one).
+    /// A query that does not fit the URL limit is an [`Error::InvalidKey`], sent nowhere.
+    async fn find_by_filter(
+        &self,
+        table: &TableInfo,
+        key: &Key,
+        select: Option<&str>,
+        context: &RequestContext<'_>,
+    ) -> Result<Option<Row>> {
+        let mut path = format!("{}?", table.entity_set);
+        if let Some(select) = select {
+            path.push_str("$select=");
+            path.push_str(select);
+            path.push('&');
+        }
+        path.push_str("$filter=");
+        path.push_str(&key_filter(key, table.schema.primary_id.as_str()));
+        path.push_str("&$top=2");
+        let length = self.transport.root.len() + path.len();
+        if length > self.max_url_length {
+            let columns: Vec<&str> = match key {
+                Key::Alternate(key) => key.columns().map(|c| c.as_str()).collect(),
+                Key::Id(_) => Vec::new(),
+            };
+            return Err(Error::InvalidKey {
+                table: table.name().clone(),
+                reason: format!(
+                    "the value of key ({}) is too long to look up: the query URL would have {length} characters, over the limit of {} (a Dataverse key holds at most 900 bytes)",
+                    columns.join(", "),
+                    self.max_url_length
+                ),
+            });
+        }
+        tracing::debug!(table = %table.name(), "key cannot go in a URL path; finding the row by $filter");
+        let response = self
+            .execute(Request::new(Method::GET, path, "read"), context)
+            .await?;
+        if response.status != 200 {
+            return Err(self.error(&response, context));
+        }
+        let mut body = response.json(self.backend())?;
+        let Some(Value::Array(rows)) = body.get_mut("value").map(Value::take) else {
+            return Err(self.backend_error(format!(
+                "table '{}': a key query answered without a value array",
+                table.name()
+            )));
+        };
+        let mut rows = rows.into_iter();
+        match (rows.next(), rows.next()) {
+            (None, _) => Ok(None),
+            (Some(row), None) => Ok(Some(table.row(self.backend(), row)?)),
+            (Some(_), Some(_)) => Err(self.backend_error(format!(
+                "table '{}': several rows hold the key values of {}",
+                table.name(),
+                context
+                    .write
+                    .map(|w| &w.record.reference)
+                    .or(context.reference)
+                    .map_or_else(|| "the record".to_owned(), ToString::to_string)
+            ))),
+        }
+    }
+
+    /// The write with lookup targets that need a `$filter` replaced by their GUIDs; a target that does not exist
+    /// is an [`Error::MissingReference`].
+    async fn resolve_lookups<'w>(
+        &self,
+        write: &'w Write,
+        context: &RequestContext<'_>,
+    ) -> Result<Cow<'w, Write>> {
+        let mut resolved: Option<Write> = None;
+        for (field, target) in &write.record.lookups {
+            let Ok(table) = self.table(&target.table) else {
+                continue;
+            };
+            if !self.by_filter(table, &target.key) {
+                continue;
+            }
+            let select = table.schema.primary_id.to_string();
+            let Some(row) = self
+                .find_by_filter(table, &target.key, Some(&select), context)
+                .await?
+            else {
+                return Err(Error::MissingReference {
+                    reference: Box::new(write.record.reference.clone()),
+                    field: field.clone(),
+                    target: Box::new(target.clone()),
+                });
+            };
+            resolved
+                .get_or_insert_with(|| write.clone())
+                .record
+                .lookups
+                .insert(
+                    field.clone(),
+                    EntityRef {
+                        table: target.table.clone(),
+                        key: Key::Id(row.id),
+                    },
+                );
+        }
+        Ok(resolved.map_or(Cow::Borrowed(write), Cow::Owned))
+    }
+
+    /// Whether a create-only PATCH that answered `status` is the signal [`CreateStrategy::Detect`] waits for (a
+    /// 404 that names no lookup target); switches the table to POST creates the first time.
+    fn switches_to_post<T>(
+        &self,
+        table: &TableInfo,
+        write: &Write,
+        status: u16,
+        result: &Result<T>,
+    ) -> bool {
+        let signal = table.create_strategy == CreateStrategy::Detect
+            && status == 404
+            && write.precondition == Precondition::CreateOnly
+            && matches!(write.record.reference.key, Key::Alternate(_))
+            && !matches!(result, Err(Error::MissingReference { .. }));
+        if signal && table.switch_to_post() {
+            tracing::warn!(
+                table = %table.name(),
+                "a create-only PATCH by alternate key answered 404: creating this table's rows by POST from now on"
+            );
+        }
+        signal
     }
 
     fn entity_set_of(&self, table: &TableName) -> Result<String> {
@@ -642,7 +887,25 @@ impl Inner {
         state: Option<HydrationState>,
         key: &Key,
     ) -> Result<Operation> {
-        let body = table.body(&write.record, state, |t| self.entity_set_of(t))?;
+        let mut body = table.body(&write.record, state, |t| self.entity_set_of(t))?;
+        if let Key::Alternate(alternate) = key
+            && write.precondition == Precondition::CreateOnly
+            && (table.posts_creates() || self.by_filter(table, key))
+        {
+            // A create by POST: the key columns go in the body, where the service finds a duplicate.
+            for (column, value) in alternate.parts() {
+                body.entry(column.to_string())
+                    .or_insert_with(|| value.to_json());
+            }
+            let path = self.tagged(format!(
+                "{}?$select={}",
+                table.entity_set,
+                table.outcome_select()
+            ));
+            return Ok(Operation::new("POST", path)
+                .header("Prefer", "return=representation")
+                .json(Value::Object(body).to_string()));
+        }
         let path = self.tagged(format!(
             "{}?$select={}",
             table.address(key),
@@ -710,9 +973,13 @@ impl Inner {
 
     /// The exact single write: read, compare, write conditionally; repeat if the row changed in between.
     async fn write_exact(&self, write: &Write) -> Result<WriteOutcome> {
+        let table = self.table(write.record.table())?;
+        table.schema.check_write(&write.record)?;
+        let resolved = self
+            .resolve_lookups(write, &self.context(None, Some(write)))
+            .await?;
+        let write = resolved.as_ref();
         let record = &write.record;
-        let table = self.table(record.table())?;
-        table.schema.check_write(record)?;
         let context = self.context(None, Some(write));
         for _ in 0..MAX_CONTENTION_ROUNDS {
             let current = self
@@ -749,6 +1016,9 @@ impl Inner {
         select: &str,
         context: &RequestContext<'_>,
     ) -> Result<Option<Row>> {
+        if self.by_filter(table, key) {
+            return self.find_by_filter(table, key, Some(select), context).await;
+        }
         let path = format!("{}?$select={select}", table.address(key));
         let response = self
             .execute(Request::new(Method::GET, path, "read"), context)
@@ -783,25 +1053,30 @@ impl Inner {
             Some(write.record.state),
             &write.record.reference.key,
         )?;
+        let patch = operation.method == "PATCH";
         let response = self.send_operation(operation, context).await?;
-        match response.status {
-            200 | 201 => {
-                let applied = self.applied(table, response.status, &response.body)?;
-                Ok(Some(WriteOutcome {
-                    id: applied.id,
-                    version: applied.version,
-                    change: Change::Created,
-                    previous_state: None,
-                    state: write.record.state,
-                }))
-            }
-            412 if write.precondition == Precondition::CreateOnly => {
+        if matches!(response.status, 200 | 201) {
+            let applied = self.applied(table, response.status, &response.body)?;
+            return Ok(Some(WriteOutcome {
+                id: applied.id,
+                version: applied.version,
+                change: Change::Created,
+                previous_state: None,
+                state: write.record.state,
+            }));
+        }
+        // Mapped as the create-only write it was: a duplicate (412, or 409 for a POST) means the row exists.
+        let error = Err(self.operation_error(table, &create, &response).await);
+        if patch && self.switches_to_post(table, &create, response.status, &error) {
+            return Ok(None); // read again, then create by POST
+        }
+        match error {
+            Err(Error::AlreadyExists { .. }) if write.precondition == Precondition::CreateOnly => {
                 Err(Error::AlreadyExists { reference })
             }
-            412 if parse_error_body(&response.body).code != codes::DUPLICATE_RECORD_ENTITY_KEY => {
-                Ok(None)
-            }
-            _ => Err(self.operation_error(table, write, &response).await),
+            // Someone created it in between: read again.
+            Err(Error::AlreadyExists { .. }) => Ok(None),
+            other => other,
         }
     }
 
@@ -948,6 +1223,10 @@ impl Inner {
         let mut results: Vec<Option<Result<WriteOutcome>>> =
             (0..writes.len()).map(|_| None).collect();
         let mut batched: Vec<(usize, Operation)> = Vec::with_capacity(writes.len());
+        // Writes whose key (or a lookup target's key) cannot go in a URL take the exact path: create-only ones
+        // now (before the batches, which may refer to them), the others after the batches (which may create
+        // what they refer to).
+        let mut after_batches = Vec::new();
         for (i, write) in writes.iter().enumerate() {
             let prepared = self.table(write.record.table()).and_then(|table| {
                 table.schema.check_write(&write.record)?;
@@ -961,38 +1240,69 @@ impl Inner {
                 {
                     results[i] = Some(self.write_exact(write).await);
                 }
-                Ok(table) => {
-                    let state = (write.precondition == Precondition::CreateOnly)
-                        .then_some(write.record.state);
-                    match self.write_operation(table, write, state, &write.record.reference.key) {
-                        Ok(op) => batched.push((i, op)),
-                        Err(e) => results[i] = Some(Err(e)),
+                Ok(table)
+                    if self.by_filter(table, &write.record.reference.key)
+                        || self.lookups_by_filter(&write.record) =>
+                {
+                    if write.precondition == Precondition::CreateOnly {
+                        results[i] = Some(self.write_exact(write).await);
+                    } else {
+                        after_batches.push(i);
                     }
                 }
+                Ok(table) => match self.batch_operation(table, write) {
+                    Ok(op) => batched.push((i, op)),
+                    Err(e) => results[i] = Some(Err(e)),
+                },
             }
         }
-        let (indices, operations): (Vec<usize>, Vec<Operation>) = batched.into_iter().unzip();
-        let responses = self.run_batches(operations, parallel).await;
         let mut clears = Vec::new();
-        for (i, response) in indices.iter().zip(responses) {
-            let write = &writes[*i];
-            let result = match response {
-                Err(e) => Err(e),
-                Ok(response) => match self.table(write.record.table()) {
-                    Err(e) => Err(e),
-                    Ok(table) => self.batched_outcome(table, write, &response).await,
-                },
-            };
-            match result {
-                Ok(Outcome::Done(outcome)) => results[*i] = Some(Ok(outcome)),
-                Ok(Outcome::Hydrate(applied)) => clears.push((*i, applied)),
-                Err(e) => results[*i] = Some(Err(e)),
+        // A second round only for creates that `CreateStrategy::Detect` switched to POST.
+        let mut detecting = true;
+        while !batched.is_empty() {
+            let (indices, operations): (Vec<usize>, Vec<Operation>) = batched.into_iter().unzip();
+            let patches: Vec<bool> = operations.iter().map(|op| op.method == "PATCH").collect();
+            let responses = self.run_batches(operations, parallel).await;
+            let mut again = Vec::new();
+            for ((i, patch), response) in indices.into_iter().zip(patches).zip(responses) {
+                let write = &writes[i];
+                let table = match self.table(write.record.table()) {
+                    Ok(table) => table,
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                let (status, result) = match response {
+                    Err(e) => (0, Err(e)),
+                    Ok(response) => (
+                        response.status,
+                        self.batched_outcome(table, write, &response).await,
+                    ),
+                };
+                if detecting && patch && self.switches_to_post(table, write, status, &result) {
+                    match self.batch_operation(table, write) {
+                        Ok(op) => again.push((i, op)),
+                        Err(e) => results[i] = Some(Err(e)),
+                    }
+                    continue;
+                }
+                match result {
+                    Ok(Outcome::Done(outcome)) => results[i] = Some(Ok(outcome)),
+                    Ok(Outcome::Hydrate(applied)) => clears.push((i, applied)),
+                    Err(e) => results[i] = Some(Err(e)),
+                }
             }
+            detecting = false;
+            batched = again;
         }
         if !clears.is_empty() {
             for (i, result) in self.clear_placeholders(writes, clears).await {
                 results[i] = Some(result);
             }
+        }
+        for i in after_batches {
+            results[i] = Some(self.write_exact(&writes[i]).await);
         }
         results
             .into_iter()
@@ -1007,6 +1317,12 @@ impl Inner {
                 })
             })
             .collect()
+    }
+
+    /// The operation of a batched write: the state column is sent with creates only.
+    fn batch_operation(&self, table: &TableInfo, write: &Write) -> Result<Operation> {
+        let state = (write.precondition == Precondition::CreateOnly).then_some(write.record.state);
+        self.write_operation(table, write, state, &write.record.reference.key)
     }
 
     async fn batched_outcome(
@@ -1190,11 +1506,77 @@ impl Inner {
         sent.into_iter().flatten().collect()
     }
 
+    /// Sends one `$batch` of independent operations. Parts answered `429` (service protection inside the
+    /// batch) are sent again in a new batch after their `Retry-After`, within the retry policy (attempts and
+    /// total time); when the policy gives up, those operations keep their 429, which maps to the retryable
+    /// [`Error::Throttled`].
     async fn send_batch(&self, operations: Vec<Operation>) -> Vec<Result<OperationResponse>> {
+        let results: std::sync::Mutex<Vec<Option<Result<OperationResponse>>>> =
+            std::sync::Mutex::new((0..operations.len()).map(|_| None).collect());
+        let lock = || {
+            results
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let throttled = |r: &Option<Result<OperationResponse>>| match r {
+            None => true,
+            Some(Ok(response)) => response.status == 429,
+            Some(Err(_)) => false,
+        };
+        // The outcome is in `results`; the retry loop only decides whether to send the throttled parts again.
+        let _ = self
+            .transport
+            .retry
+            .run(|| async {
+                let pending: Vec<usize> = lock()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| throttled(r).then_some(i))
+                    .collect();
+                let chunk = pending.iter().map(|&i| operations[i].clone()).collect();
+                let answered = self.send_batch_once(chunk).await;
+                let mut retry_after: Option<Option<std::time::Duration>> = None;
+                let mut results = lock();
+                for (i, answer) in pending.into_iter().zip(answered) {
+                    if let Ok(response) = &answer
+                        && response.status == 429
+                    {
+                        let wait = response
+                            .header_value("retry-after")
+                            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+                        retry_after = Some(retry_after.flatten().max(wait));
+                    }
+                    results[i] = Some(answer);
+                }
+                match retry_after {
+                    Some(retry_after) => {
+                        tracing::info!("$batch parts were throttled (429); sending them again");
+                        Err(Error::Throttled {
+                            backend: self.backend().to_owned(),
+                            retry_after,
+                        })
+                    }
+                    None => Ok(()),
+                }
+            })
+            .await;
+        results
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(self.protocol_error("no response for this operation")))
+            })
+            .collect()
+    }
+
+    async fn send_batch_once(&self, operations: Vec<Operation>) -> Vec<Result<OperationResponse>> {
         let count = operations.len();
         let idempotent = operations
             .iter()
             .all(|op| op.method != "POST" && op.header_value("If-None-Match").is_none());
+        let expected: Vec<Option<String>> =
+            operations.iter().map(|op| op.content_id.clone()).collect();
         let mut request = BatchRequest::new();
         request.parts = operations.into_iter().map(Part::Single).collect();
         let http = Request::new(Method::POST, "$batch".into(), "batch")
@@ -1220,32 +1602,27 @@ impl Inner {
                 return failed(self.backend_error(e.to_string()));
             }
         };
-        let mut responses: Vec<Result<OperationResponse>> = parts
+        let responses = parts
             .into_iter()
             .flat_map(|part| match part {
                 ResponsePart::Single(r) => vec![r],
                 ResponsePart::ChangeSet(rs) => rs,
             })
-            .map(Ok)
             .collect();
-        if responses.len() != count {
-            tracing::warn!(
-                expected = count,
-                got = responses.len(),
-                "$batch response has the wrong number of parts"
-            );
-            responses.truncate(count);
-            let missing = count - responses.len();
-            responses.extend((0..missing).map(|_| {
-                Err(Error::Backend {
-                    backend: self.backend().to_owned(),
-                    message: "the $batch response has no part for this operation".into(),
-                    retryable: true,
-                    source: None,
-                })
-            }));
+        match_parts(&expected, responses)
+            .into_iter()
+            .map(|r| r.map_err(|reason| self.protocol_error(reason)))
+            .collect()
+    }
+
+    /// A `$batch` answer that cannot be matched to its request: the outcome of the write is unknown, and sending
+    /// it again (every batched write is safe to resend) may get a proper answer.
+    fn protocol_error(&self, reason: impl Into<String>) -> Error {
+        Error::Protocol {
+            backend: self.backend().to_owned(),
+            reason: reason.into(),
+            retryable: true,
         }
-        responses
     }
 
     async fn write_atomic(&self, writes: &[Write]) -> Result<Vec<WriteOutcome>> {
@@ -1274,69 +1651,66 @@ impl Inner {
                     reason: "a placeholder goes in an atomic write only as create-only".into(),
                 });
             }
-            let state =
-                (write.precondition == Precondition::CreateOnly).then_some(write.record.state);
-            let operation =
-                self.write_operation(table, write, state, &write.record.reference.key)?;
+            let operation = self.atomic_operation(table, write).await?;
             operations.push(operation.content_id((n + 1).to_string()));
         }
         let idempotent = operations
             .iter()
-            .all(|op| op.header_value("If-None-Match").is_none());
+            .all(|op| op.method != "POST" && op.header_value("If-None-Match").is_none());
+        let expected: Vec<Option<String>> =
+            operations.iter().map(|op| op.content_id.clone()).collect();
         let mut request = BatchRequest::new();
         request.parts = vec![Part::ChangeSet(operations)];
-        let http = Request::new(Method::POST, "$batch".into(), "batch")
-            .body(request.content_type(), request.encode(API_PATH))
-            .idempotent(idempotent);
+        let body = request.encode(API_PATH);
         let context = self.context(None, None);
-        let response = self.execute(http, &context).await?;
-        let content_type = response
-            .header("content-type")
-            .unwrap_or_default()
-            .to_owned();
-        if !content_type.starts_with("multipart/") {
-            return Err(self.error(&response, &context));
-        }
-        let parts = batch::parse_response(&content_type, &response.body)
-            .map_err(|e| self.backend_error(e.to_string()))?;
-        let responses: Vec<OperationResponse> = parts
-            .into_iter()
-            .flat_map(|part| match part {
-                ResponsePart::Single(r) => vec![r],
-                ResponsePart::ChangeSet(rs) => rs,
+        // A change set throttled inside the batch (429) was rolled back whole: send it again, within the policy.
+        let responses = self
+            .transport
+            .retry
+            .run(|| async {
+                let http = Request::new(Method::POST, "$batch".into(), "batch")
+                    .body(request.content_type(), body.clone())
+                    .idempotent(idempotent);
+                let responses = self.send_change_set(http, &context).await?;
+                match responses.iter().find(|r| r.status == 429) {
+                    Some(throttled) => Err(self.part_error(throttled, None)),
+                    None => Ok(responses),
+                }
             })
-            .collect();
-        // A failed change set answers with one error part, naming the failing operation by Content-ID.
+            .await?;
+        // A failed change set answers with one error part, naming the failing operation by Content-ID when it
+        // says; without one (or with an unknown one) the error is mapped from the part alone.
         if let Some(failed) = responses
             .iter()
             .find(|r| !matches!(r.status, 200 | 201 | 204))
         {
             let index = failed
                 .content_id
-                .as_deref()
-                .and_then(|id| id.parse::<usize>().ok())
-                .and_then(|n| n.checked_sub(1))
-                .filter(|&i| i < writes.len());
+                .as_ref()
+                .and_then(|id| expected.iter().position(|e| e.as_ref() == Some(id)))
+                .or((writes.len() == 1).then_some(0));
             return Err(match index {
                 Some(i) => {
                     let table = self.table(writes[i].record.table())?;
                     self.operation_error(table, &writes[i], failed).await
                 }
-                None => self.error(&response, &context),
+                None => self.part_error(failed, Some(writes.len())),
             });
-        }
-        if responses.len() != writes.len() {
-            return Err(self.backend_error(format!(
-                "the change set answered {} parts for {} writes",
-                responses.len(),
-                writes.len()
-            )));
         }
         let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; writes.len()];
         let mut clears = Vec::new();
-        for (i, (write, response)) in writes.iter().zip(&responses).enumerate() {
+        let matched = match_parts(&expected, responses);
+        if let Some(reason) = matched.iter().find_map(|r| r.as_ref().err()) {
+            // The change set was applied, but which answer is whose cannot be told.
+            return Err(self.protocol_error(format!(
+                "the change set of {} writes was applied, but its answer cannot be matched to them: {reason}",
+                writes.len()
+            )));
+        }
+        for (i, (write, response)) in writes.iter().zip(matched).enumerate() {
+            let response = response.map_err(|reason| self.protocol_error(reason))?;
             let table = self.table(write.record.table())?;
-            match self.batched_outcome(table, write, response).await? {
+            match self.batched_outcome(table, write, &response).await? {
                 Outcome::Done(outcome) => outcomes[i] = Some(outcome),
                 Outcome::Hydrate(applied) => clears.push((i, applied)),
             }
@@ -1351,6 +1725,90 @@ impl Inner {
                 o.ok_or_else(|| self.backend_error("a write of the change set has no outcome"))
             })
             .collect()
+    }
+
+    /// The operation of one write in a change set. A key that cannot go in a URL is looked up first (a change
+    /// set cannot query): found, the row is addressed by GUID; missing, an upsert becomes a POST with the key
+    /// columns and an update-only write fails as not found.
+    async fn atomic_operation(&self, table: &TableInfo, write: &Write) -> Result<Operation> {
+        let context = self.context(None, Some(write));
+        let resolved = self.resolve_lookups(write, &context).await?;
+        let write = resolved.as_ref();
+        let key = &write.record.reference.key;
+        if !self.by_filter(table, key) || write.precondition == Precondition::CreateOnly {
+            return self.batch_operation(table, write);
+        }
+        let select = table.schema.primary_id.to_string();
+        match self
+            .find_by_filter(table, key, Some(&select), &context)
+            .await?
+        {
+            Some(row) => self.write_operation(table, write, None, &Key::Id(row.id)),
+            None if write.precondition == Precondition::None => {
+                self.batch_operation(table, &Write::create_only(write.record.clone()))
+            }
+            None => Err(Error::NotFound {
+                reference: Box::new(write.record.reference.clone()),
+            }),
+        }
+    }
+
+    /// Sends a change-set `$batch` and returns the answers of its operations.
+    async fn send_change_set(
+        &self,
+        http: Request,
+        context: &RequestContext<'_>,
+    ) -> Result<Vec<OperationResponse>> {
+        let response = self.execute(http, context).await?;
+        let content_type = response
+            .header("content-type")
+            .unwrap_or_default()
+            .to_owned();
+        if !content_type.starts_with("multipart/") {
+            return Err(self.error(&response, context));
+        }
+        let parts = batch::parse_response(&content_type, &response.body)
+            .map_err(|e| self.backend_error(e.to_string()))?;
+        Ok(parts
+            .into_iter()
+            .flat_map(|part| match part {
+                ResponsePart::Single(r) => vec![r],
+                ResponsePart::ChangeSet(rs) => rs,
+            })
+            .collect())
+    }
+
+    /// The error of a failed part that cannot be tied to one write: mapped from its status, code and
+    /// `Retry-After` (a 429 stays [`Error::Throttled`], a 5xx [`Error::Unavailable`]), naming the change set.
+    fn part_error(&self, part: &OperationResponse, writes: Option<usize>) -> Error {
+        let retry_after = part
+            .header_value("retry-after")
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+        let error = map_error(
+            part.status,
+            retry_after,
+            &part.body,
+            &self.context(None, None),
+        );
+        match (writes, error) {
+            (
+                Some(n),
+                Error::Backend {
+                    message,
+                    retryable,
+                    source,
+                    backend,
+                },
+            ) => Error::Backend {
+                backend,
+                message: format!(
+                    "a change set of {n} writes failed and was rolled back (the service did not say which write): {message}"
+                ),
+                retryable,
+                source,
+            },
+            (_, error) => error,
+        }
     }
 
     async fn supports_bulk(&self, table: &TableName) -> Result<bool> {
@@ -1413,17 +1871,26 @@ impl Inner {
                     continue;
                 }
             };
-            if bulk {
-                for (i, result) in self.upsert_multiple(table, records, &indices).await {
-                    results[i] = Some(result);
-                }
+            // Records whose key (or a lookup target's) cannot go in a URL cannot be named by `@odata.id` either:
+            // they take the `$batch` path, which finds them by `$filter`.
+            let (bulk_indices, batch_indices): (Vec<usize>, Vec<usize>) = if bulk {
+                indices.iter().partition(|&&i| {
+                    !self.by_filter(table, &records[i].reference.key)
+                        && !self.lookups_by_filter(&records[i])
+                })
             } else {
-                let writes: Vec<Write> = indices
+                (Vec::new(), indices)
+            };
+            for (i, result) in self.upsert_multiple(table, records, &bulk_indices).await {
+                results[i] = Some(result);
+            }
+            if !batch_indices.is_empty() {
+                let writes: Vec<Write> = batch_indices
                     .iter()
                     .map(|&i| Write::upsert(records[i].clone()))
                     .collect();
                 let outcomes = self.write_batch(&writes, distinct_addresses(&writes)).await;
-                for (&i, outcome) in indices.iter().zip(outcomes) {
+                for (&i, outcome) in batch_indices.iter().zip(outcomes) {
                     results[i] = Some(outcome.map(|_| ()));
                 }
             }
@@ -1551,12 +2018,19 @@ impl Inner {
                 out.extend_from_slice(b"\":");
                 serde_json::to_writer(out, value).map_err(encode)
             };
+            let key = match &record.reference.key {
+                Key::Alternate(key) => Some(key),
+                Key::Id(_) => None,
+            };
+            let is_key_column = |column: &str| key.is_some_and(|key| key.get(column).is_some());
+            let repeat_keys = self.bulk_key_columns == BulkKeyColumns::ODataIdAndKeyColumns;
             for (column, value) in &record.fields {
-                member(column.as_str(), value, &mut out)?;
+                // The documented body names the row by `@odata.id` only (see `BulkKeyColumns`).
+                if repeat_keys || !is_key_column(column.as_str()) {
+                    member(column.as_str(), value, &mut out)?;
+                }
             }
-            // The key values go in the body too: whether UpsertMultiple copies them from `@odata.id` into a
-            // created row is not documented.
-            if let Key::Alternate(key) = &record.reference.key {
+            if let Some(key) = key.filter(|_| repeat_keys) {
                 for (column, value) in key.parts() {
                     if !record.fields.contains_key(column) {
                         member(column.as_str(), &value.to_json(), &mut out)?;
@@ -1564,10 +2038,7 @@ impl Inner {
                 }
             }
             for (lookup, target) in &record.lookups {
-                let property = table
-                    .navigation
-                    .get(lookup)
-                    .map_or(lookup.as_str(), String::as_str);
+                let property = table.navigation_property(lookup, &target.table);
                 let bind = format!("/{}", self.table(&target.table)?.address(&target.key));
                 member(
                     &format!("{property}@odata.bind"),
@@ -1622,13 +2093,59 @@ enum Outcome {
     Hydrate(Applied),
 }
 
-/// Whether a 404 says the addressed row is missing (rather than, say, an unknown entity set).
-fn is_missing_row(body: &[u8]) -> bool {
-    let code = parse_error_body(body).code;
-    matches!(
-        code.as_str(),
-        codes::OBJECT_DOES_NOT_EXIST | codes::RECORD_NOT_FOUND_BY_ENTITY_KEY | ""
-    )
+/// Matches the parts of a `$batch` answer to the operations sent (`expected`: their Content-IDs). A part that
+/// carries a Content-ID answers the operation with that id, wherever it stands; parts without one answer the
+/// remaining operations in order (the documented order), but only when there are exactly as many of them as
+/// remaining operations. Every operation whose answer cannot be told apart (no part, several parts, a count that
+/// does not add up) gets an error naming why, never another operation's answer.
+fn match_parts(
+    expected: &[Option<String>],
+    responses: Vec<OperationResponse>,
+) -> Vec<std::result::Result<OperationResponse, String>> {
+    let total = responses.len();
+    let mut by_id: BTreeMap<String, Vec<OperationResponse>> = BTreeMap::new();
+    let mut positional = Vec::new();
+    for response in responses {
+        match &response.content_id {
+            Some(id) => by_id.entry(id.clone()).or_default().push(response),
+            None => positional.push(response),
+        }
+    }
+    let mut out: Vec<Option<std::result::Result<OperationResponse, String>>> =
+        expected.iter().map(|_| None).collect();
+    for (slot, id) in out.iter_mut().zip(expected) {
+        let Some(id) = id else { continue };
+        *slot = match by_id.remove(id) {
+            Some(mut parts) if parts.len() == 1 => parts.pop().map(Ok),
+            Some(parts) => Some(Err(format!(
+                "{} parts of the $batch response answer Content-ID {id}",
+                parts.len()
+            ))),
+            None => None,
+        };
+    }
+    if !by_id.is_empty() {
+        let unknown: Vec<&String> = by_id.keys().collect();
+        tracing::warn!(
+            ?unknown,
+            "$batch response parts with Content-IDs that were not sent"
+        );
+    }
+    let open = out.iter().filter(|slot| slot.is_none()).count();
+    let matches = positional.len() == open && by_id.is_empty();
+    let mut positional = positional.into_iter();
+    for slot in out.iter_mut().filter(|slot| slot.is_none()) {
+        *slot = Some(match positional.next().filter(|_| matches) {
+            Some(response) => Ok(response),
+            None => Err(format!(
+                "the $batch response has {total} parts for {} operations: no part can be told to answer this one",
+                expected.len()
+            )),
+        });
+    }
+    out.into_iter()
+        .map(|slot| slot.unwrap_or_else(|| Err("no part answers this operation".into())))
+        .collect()
 }
 
 /// Batches may run in parallel only when no record is written twice (the order of its writes would be lost).
@@ -1642,4 +2159,84 @@ fn known_header(name: &str) -> Option<&'static str> {
     ["Prefer", "If-Match", "If-None-Match"]
         .into_iter()
         .find(|known| known.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_compare_scheme_and_host_without_case_and_default_ports() {
+        let root = "https://Contoso.crm.dynamics.com/api/data/v9.2/";
+        let link = "https://contoso.crm.dynamics.com/api/data/v9.2/accounts?$deltatoken=1%212";
+        assert_eq!(
+            follow_link(root, link).as_deref(),
+            Some("accounts?$deltatoken=1%212")
+        );
+        let with_port = "HTTPS://CONTOSO.crm.dynamics.com:443/API/data/v9.2/accounts?$skiptoken=x";
+        assert_eq!(
+            follow_link(root, with_port).as_deref(),
+            Some("accounts?$skiptoken=x")
+        );
+        // Another path prefix on the same origin is followed as given.
+        let older = "https://contoso.crm.dynamics.com/api/data/v9.0/accounts?$skiptoken=x";
+        assert_eq!(follow_link(root, older).as_deref(), Some(older));
+        for elsewhere in [
+            "https://contoso.crm4.dynamics.com/api/data/v9.2/accounts",
+            "http://contoso.crm.dynamics.com/api/data/v9.2/accounts",
+            "https://contoso.crm.dynamics.com:8443/api/data/v9.2/accounts",
+            "accounts?$skiptoken=x",
+        ] {
+            assert_eq!(follow_link(root, elsewhere), None, "{elsewhere}");
+        }
+    }
+
+    fn answer(content_id: Option<&str>, status: u16) -> OperationResponse {
+        OperationResponse {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            content_id: content_id.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn parts_match_by_content_id_then_by_position_when_the_count_adds_up() {
+        let ids = |ids: &[Option<&str>]| -> Vec<Option<String>> {
+            ids.iter().map(|id| id.map(str::to_owned)).collect()
+        };
+        let statuses = |matched: Vec<std::result::Result<OperationResponse, String>>| {
+            matched
+                .into_iter()
+                .map(|r| r.map(|r| r.status).map_err(|_| ()))
+                .collect::<Vec<_>>()
+        };
+        // Reordered by id.
+        let matched = match_parts(
+            &ids(&[Some("1"), Some("2")]),
+            vec![answer(Some("2"), 201), answer(Some("1"), 200)],
+        );
+        assert_eq!(statuses(matched), [Ok(200), Ok(201)]);
+        // Positional when no part carries an id and the count matches.
+        let matched = match_parts(
+            &ids(&[None, None]),
+            vec![answer(None, 204), answer(None, 412)],
+        );
+        assert_eq!(statuses(matched), [Ok(204), Ok(412)]);
+        // A missing part makes every positional operation ambiguous.
+        let matched = match_parts(&ids(&[None, None]), vec![answer(None, 204)]);
+        assert_eq!(statuses(matched), [Err(()), Err(())]);
+        // A duplicate id fails its operation; an unknown id makes the positional rest ambiguous.
+        let matched = match_parts(
+            &ids(&[Some("1"), Some("2"), None]),
+            vec![
+                answer(Some("1"), 200),
+                answer(Some("1"), 200),
+                answer(Some("2"), 200),
+                answer(Some("7"), 200),
+                answer(None, 200),
+            ],
+        );
+        assert_eq!(statuses(matched), [Err(()), Ok(200), Err(())]);
+    }
 }

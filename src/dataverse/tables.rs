@@ -2,11 +2,13 @@
 //! [`Record`] and the Web API's JSON.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::dataverse::config::{BulkSupport, DataverseTable};
+use crate::dataverse::config::{BulkSupport, CreateStrategy, DataverseTable};
 use crate::dataverse::odata::key_segment;
 use crate::error::{Error, Result};
 use crate::key::{EntityRef, Key};
@@ -20,8 +22,14 @@ pub(crate) struct TableInfo {
     pub schema: TableSchema,
     pub entity_set: String,
     pub navigation: BTreeMap<ColumnName, String>,
+    /// Navigation properties by lookup and target table (polymorphic lookups); win over `navigation`.
+    pub target_navigation: BTreeMap<(ColumnName, TableName), String>,
     pub state_column: Option<ColumnName>,
     pub bulk: BulkSupport,
+    pub create_strategy: CreateStrategy,
+    /// Create-only writes by alternate key go as `POST` (set from the start for `PostWithKeys`, by detection for
+    /// `Detect`). Shared by the clones of this value.
+    post_creates: Arc<AtomicBool>,
     /// `$select` for reads, when the table declares its columns (else every column comes back).
     read_select: Option<String>,
 }
@@ -36,9 +44,24 @@ pub(crate) struct Row {
 }
 
 impl TableInfo {
-    pub fn new(schema: TableSchema, config: Option<&DataverseTable>) -> Result<Self> {
+    pub fn new(
+        schema: TableSchema,
+        config: Option<&DataverseTable>,
+        create_strategy: CreateStrategy,
+    ) -> Result<Self> {
         let default = DataverseTable::new(schema.name.clone());
         let config = config.unwrap_or(&default);
+        for (lookup, target) in config.target_navigation.keys() {
+            if !schema.lookup_targets(lookup).any(|t| t == target) {
+                return Err(Error::InvalidConfig {
+                    reason: format!(
+                        "table '{}': navigation property given for lookup '{lookup}' to '{target}', which the schema does not declare",
+                        schema.name
+                    ),
+                });
+            }
+        }
+        let create_strategy = config.create_strategy.unwrap_or(create_strategy);
         for lookup in config.navigation.keys() {
             if !schema.lookups.contains_key(lookup) {
                 return Err(Error::InvalidConfig {
@@ -65,8 +88,13 @@ impl TableInfo {
         Ok(Self {
             entity_set: config.entity_set(),
             navigation: config.navigation.clone(),
+            target_navigation: config.target_navigation.clone(),
             state_column: config.state_column.clone(),
             bulk: config.bulk,
+            create_strategy,
+            post_creates: Arc::new(AtomicBool::new(
+                create_strategy == CreateStrategy::PostWithKeys,
+            )),
             read_select,
             schema,
         })
@@ -74,6 +102,35 @@ impl TableInfo {
 
     pub fn name(&self) -> &TableName {
         &self.schema.name
+    }
+
+    /// Whether create-only writes by alternate key go as `POST` with the key columns in the body.
+    pub fn posts_creates(&self) -> bool {
+        self.post_creates.load(Ordering::Relaxed)
+    }
+
+    /// Switches a [`CreateStrategy::Detect`] table to `POST` creates; true the first time.
+    pub fn switch_to_post(&self) -> bool {
+        self.create_strategy == CreateStrategy::Detect
+            && !self.post_creates.swap(true, Ordering::Relaxed)
+    }
+
+    /// The navigation property that binds `lookup` to a row of `target`: the one for that target, else the
+    /// lookup's, else the lookup's own name.
+    pub fn navigation_property<'a>(
+        &'a self,
+        lookup: &'a ColumnName,
+        target: &TableName,
+    ) -> &'a str {
+        self.target_navigation
+            .get(&(lookup.clone(), target.clone()))
+            .or_else(|| self.navigation.get(lookup))
+            .map_or(lookup.as_str(), String::as_str)
+    }
+
+    /// The `$select` of a full read, when the table declares its columns.
+    pub fn read_select(&self) -> Option<&str> {
+        self.read_select.as_deref()
     }
 
     /// `accounts(accountnumber='A-1')`
@@ -127,10 +184,7 @@ impl TableInfo {
             body.insert(column.to_string(), value.clone());
         }
         for (lookup, target) in &record.lookups {
-            let property = self
-                .navigation
-                .get(lookup)
-                .map_or(lookup.as_str(), String::as_str);
+            let property = self.navigation_property(lookup, &target.table);
             let set = entity_set_of(&target.table)?;
             body.insert(
                 format!("{property}@odata.bind"),
@@ -198,6 +252,12 @@ impl TableInfo {
             key: Key::Id(row.id),
         });
         record.state = row.state;
+        let annotations: Map<String, Value> = row
+            .values
+            .iter()
+            .filter(|(name, _)| name.ends_with("@Microsoft.Dynamics.CRM.lookuplogicalname"))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         for (name, value) in row.values {
             if value.is_null()
                 || name.contains('@')
@@ -217,10 +277,16 @@ impl TableInfo {
                 if let Some((lookup, target)) = self.schema.lookups.get_key_value(lookup)
                     && let Some(id) = value.as_str().and_then(|s| Uuid::parse_str(s).ok())
                 {
+                    // A polymorphic lookup says its target's table in an annotation (when annotations were
+                    // asked for); without it, the lookup's first target.
+                    let annotated = annotations
+                        .get(&format!("{name}@Microsoft.Dynamics.CRM.lookuplogicalname"))
+                        .and_then(Value::as_str)
+                        .and_then(|t| self.schema.lookup_targets(lookup).find(|d| d.as_str() == t));
                     record.lookups.insert(
                         lookup.clone(),
                         EntityRef {
-                            table: target.clone(),
+                            table: annotated.unwrap_or(target).clone(),
                             key: Key::Id(id),
                         },
                     );
@@ -283,7 +349,7 @@ mod tests {
         let config = DataverseTable::new("contact")
             .with_navigation("parentcustomerid", "parentcustomerid_account")
             .with_state_column("new_isplaceholder");
-        TableInfo::new(schema, Some(&config)).unwrap()
+        TableInfo::new(schema, Some(&config), CreateStrategy::default()).unwrap()
     }
 
     #[test]
@@ -377,7 +443,7 @@ mod tests {
         let schema = TableSchema::builder("contact").build().unwrap();
         let config = DataverseTable::new("contact").with_navigation("nosuch", "nosuch_account");
         assert!(matches!(
-            TableInfo::new(schema, Some(&config)),
+            TableInfo::new(schema, Some(&config), CreateStrategy::default()),
             Err(Error::InvalidConfig { .. })
         ));
     }
