@@ -1,4 +1,5 @@
-//! A local Dataverse Web API emulator (feature `emulator`) for tests, examples and offline development.
+//! A local Dataverse Web API emulator for tests, examples and offline development: a library (this crate) and a
+//! command-line server (`dataverse-emulator --help`).
 //!
 //! It serves `/api/data/v9.2/` on 127.0.0.1 from in-memory tables: create, read, update, upsert (by primary or
 //! alternate key, with `If-Match` / `If-None-Match`), delete, lookups via `@odata.bind`, `$batch` with atomic
@@ -8,8 +9,8 @@
 //! UNCONFIRMED and, for the error shapes a client depends on, configurable.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), eventual_upsert::emulator::EmulatorError> {
-//! use eventual_upsert::emulator::{Emulator, EmulatorConfig};
+//! # async fn demo() -> Result<(), dataverse_emulator::EmulatorError> {
+//! use dataverse_emulator::{Emulator, EmulatorConfig};
 //! let emulator = Emulator::start(EmulatorConfig::default()).await?;
 //! let root = emulator.service_root(); // http://127.0.0.1:<port>/api/data/v9.2/
 //! # let _ = root;
@@ -26,6 +27,7 @@ mod batch;
 mod bulk;
 mod config;
 mod limits;
+mod multipart;
 mod ops;
 mod query;
 mod reply;

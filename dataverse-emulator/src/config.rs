@@ -8,7 +8,7 @@ pub const MAX_ALTERNATE_KEYS: usize = 10;
 /// One emulated table: names, keys and lookups. Built in the builder style:
 ///
 /// ```
-/// use eventual_upsert::emulator::EmulatedTable;
+/// use dataverse_emulator::EmulatedTable;
 /// let orders = EmulatedTable::new("new_order", "new_orders", "new_orderid", "new_name")
 ///     .alternate_key(&["new_ordernumber"])
 ///     .lookup("new_customer_account", "new_customer", "account");
