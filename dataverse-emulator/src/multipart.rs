@@ -254,8 +254,11 @@ fn sections<'a>(body: &'a [u8], boundary: &str, what: &str) -> Result<Vec<&'a [u
     }
 }
 
+/// Header lines, in order, names and values trimmed.
+type Headers = Vec<(String, String)>;
+
 /// Header lines up to the first empty line, and what follows it.
-fn head<'a>(bytes: &'a [u8], where_: &str) -> Result<(Vec<(String, String)>, &'a [u8]), Malformed> {
+fn head<'a>(bytes: &'a [u8], where_: &str) -> Result<(Headers, &'a [u8]), Malformed> {
     let mut headers = Vec::new();
     for (at, text) in lines(bytes) {
         if text.is_empty() {
