@@ -63,6 +63,11 @@ use ops::{Ctx, OpHeaders, OpRequest};
 use request_log::RequestLog;
 use tables::{Data, Schema};
 
+/// The README's examples, compiled as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Why the emulator could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
