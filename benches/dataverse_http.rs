@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
 
+use dataverse_emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::dataverse::{DataverseConfig, DataverseStore, DataverseTable};
-use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::schema::{Schema, TableSchema};
 use eventual_upsert::{EnsuringWriter, EntityRef, KeyKind, Policies, Record, TablePolicy};
 
@@ -97,7 +97,7 @@ async fn start_emulator() -> BoxResult<Emulator> {
     Ok(server.spawn(new_emulator()).await??)
 }
 
-async fn new_emulator() -> Result<Emulator, eventual_upsert::emulator::EmulatorError> {
+async fn new_emulator() -> Result<Emulator, dataverse_emulator::EmulatorError> {
     Emulator::start(
         EmulatorConfig::new()
             .table(EmulatedTable::accounts())

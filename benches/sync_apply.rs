@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dataverse_emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::dataverse::{DataverseConfig, DataverseTable};
-use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::memory::MemoryStore;
 use eventual_upsert::schema::{Schema, TableSchema};
 use eventual_upsert::sync::{Applier, ChangeEvent, MemoryLedger};

@@ -24,8 +24,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use dataverse_emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::dataverse::{DataverseConfig, DataverseStore, DataverseTable};
-use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::schema::{Schema, TableSchema};
 use eventual_upsert::sync::{Applier, DataverseChangeSource, MemoryLedger, Pipeline, SyncStats};
 use eventual_upsert::{

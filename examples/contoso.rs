@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
+use dataverse_emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::dataverse::{DataverseConfig, DataverseStore, DataverseTable};
-use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::memory::{Fault, MemoryStore};
 use eventual_upsert::schema::{ColumnType, Schema, TableSchema};
 use eventual_upsert::sync::{

@@ -71,7 +71,9 @@
 //! | `memory` | yes | [`memory::MemoryStore`], a faithful in-memory store with fault injection |
 //! | `conformance` | no | [`conformance`], the contract scenarios every adapter must pass |
 //! | `dataverse` | no | [`dataverse::DataverseStore`], the Dataverse Web API adapter (reqwest + rustls), with auth, retries, a circuit breaker, `$batch` and `UpsertMultiple` |
-//! | `emulator` | no | [`emulator::Emulator`], a local Dataverse Web API (axum) for tests and offline development |
+//!
+//! The Dataverse Web API emulator the tests, examples and benchmarks run against is its own crate,
+//! `dataverse-emulator` (a library and a command-line server), sharing no code with the adapter.
 //!
 //! ## When not to use the pattern
 //!
@@ -105,9 +107,6 @@ pub mod conformance;
 
 #[cfg(feature = "dataverse")]
 pub mod dataverse;
-
-#[cfg(feature = "emulator")]
-pub mod emulator;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use ensure::{EnsureExists, EnsureItem, EnsureReport};

@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use serde_json::json;
 use uuid::Uuid;
 
+use dataverse_emulator::{EmulatedTable, Emulator};
 use eventual_upsert::dataverse::DataverseConfig;
 use eventual_upsert::dataverse::auth::{Secret, TokenProvider};
-use eventual_upsert::emulator::{EmulatedTable, Emulator};
 use eventual_upsert::{
     BreakerConfig, Change, Delete, DeleteOutcome, EnsureExists, EnsuringWriter, EntityRef, Error,
     HydrationState, Record, RecordStore, Result, RetryPolicy, Version, Write, conformance,

@@ -1021,7 +1021,7 @@ async fn metadata_in_any_order_binds_each_target_of_a_polymorphic_lookup() {
 /// The same fixes, observed on the emulator (the only place these tests name it).
 mod emulated {
     use super::*;
-    use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
+    use dataverse_emulator::{EmulatedTable, Emulator, EmulatorConfig};
 
     async fn emulator() -> Emulator {
         Emulator::start(

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
+use dataverse_emulator::{EmulatedTable, Emulator, EmulatorConfig, EmulatorError};
 use eventual_upsert::EntityRef;
 use eventual_upsert::dataverse::batch::{
     self, BatchRequest, Operation, OperationResponse, Part, ResponsePart,
 };
 use eventual_upsert::dataverse::odata;
-use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig, EmulatorError};
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Method, RequestBuilder};
 use serde_json::{Value, json};
@@ -1561,7 +1561,7 @@ async fn a_malformed_batch_is_a_plain_json_400() {
         &r,
         400,
         "0x80048d19",
-        "malformed $batch: part 1: request line 'GET' is not 'METHOD URL HTTP/1.1'",
+        "The $batch request is malformed: part 1: 'GET' is not a request line (METHOD URL HTTP/1.1).",
     );
     let r = send(api.req(Method::POST, "$batch").body("x")).await;
     assert_eq!(r.status, 400);

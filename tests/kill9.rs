@@ -30,8 +30,8 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use dataverse_emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::dataverse::{DataverseConfig, DataverseStore, DataverseTable};
-use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::schema::{ColumnType, Schema, TableSchema};
 use eventual_upsert::sync::{
     Applier, ChangeEvent, DeadLetter, DeferredTask, JsonLinesSource, Ledger, LedgerQuery,

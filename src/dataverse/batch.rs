@@ -1,5 +1,6 @@
-//! The OData `$batch` multipart format, both directions: the client builds requests and parses responses, the
-//! emulator parses requests and builds responses.
+//! The OData `$batch` multipart format as a client speaks it: build requests, parse responses. The server's
+//! direction (parse requests, build responses) is compiled for this module's round-trip tests only: the emulator,
+//! its own crate, has its own codec so the two cannot share a misunderstanding.
 //!
 //! The codec is hand-written rather than built on a multipart crate: `$batch` nests `application/http` messages
 //! (request and status lines, headers, bodies) inside `multipart/mixed`, which generic form-data parsers do not
@@ -267,6 +268,7 @@ pub fn boundary_of(content_type: &str) -> Result<String, BatchError> {
     )))
 }
 
+#[cfg(test)]
 /// Parses a batch request body (server side). Accepts CRLF or LF, quoted or unquoted boundaries.
 pub fn parse_request(content_type: &str, body: &[u8]) -> Result<Vec<Part>, BatchError> {
     let names = ("the batch", "part", "operation");
@@ -280,6 +282,7 @@ pub fn parse_request(content_type: &str, body: &[u8]) -> Result<Vec<Part>, Batch
         .collect())
 }
 
+#[cfg(test)]
 /// Encodes a batch response (server side): returns the `Content-Type` header value and the CRLF body.
 pub fn encode_response(parts: &[ResponsePart]) -> (String, Vec<u8>) {
     let boundary = format!("batchresponse_{}", uuid::Uuid::new_v4());
@@ -410,6 +413,7 @@ fn encode_operation(out: &mut Vec<u8>, op: &Operation, service_root_path: &str) 
     out.extend_from_slice(b"\r\n");
 }
 
+#[cfg(test)]
 fn encode_operation_response(out: &mut Vec<u8>, response: &OperationResponse) {
     push_line(out, "Content-Type: application/http");
     push_line(out, "Content-Transfer-Encoding: binary");
@@ -591,6 +595,7 @@ fn expect_http(content_type: &str, location: &str) -> Result<(), BatchError> {
     }
 }
 
+#[cfg(test)]
 fn parse_operation(
     part_headers: &Headers,
     content: &[u8],

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use dataverse_emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::dataverse::{DataverseConfig, DataverseStore, DataverseTable};
-use eventual_upsert::emulator::{EmulatedTable, Emulator, EmulatorConfig};
 use eventual_upsert::{RetryPolicy, conformance};
 
 /// The boolean column that marks placeholders in these tests.

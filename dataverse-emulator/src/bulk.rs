@@ -177,7 +177,7 @@ fn upsert_all(
     for (i, object) in objects.into_iter().enumerate() {
         let address = match object.get("@odata.id") {
             Some(Value::String(id_url)) => {
-                let relative = crate::dataverse::batch::relative_url(id_url, ops::ROOT_PATH);
+                let relative = crate::multipart::relative_url(id_url, ops::ROOT_PATH);
                 let relative = relative.strip_prefix('/').unwrap_or(relative);
                 let path = url::parse_path(relative)
                     .map_err(|e| Reply::bad_payload(format!("Target {i}: '@odata.id' {e}")))?;

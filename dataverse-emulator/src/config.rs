@@ -1,6 +1,10 @@
 //! What the emulator serves: tables, limits, auth, TLS and the error shapes whose real values are unconfirmed.
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::time::Duration;
+
+use serde_json::Value;
 
 /// Most alternate keys one table may declare (a Dataverse limit).
 pub const MAX_ALTERNATE_KEYS: usize = 10;
@@ -8,7 +12,7 @@ pub const MAX_ALTERNATE_KEYS: usize = 10;
 /// One emulated table: names, keys and lookups. Built in the builder style:
 ///
 /// ```
-/// use eventual_upsert::emulator::EmulatedTable;
+/// use dataverse_emulator::EmulatedTable;
 /// let orders = EmulatedTable::new("new_order", "new_orders", "new_orderid", "new_name")
 ///     .alternate_key(&["new_ordernumber"])
 ///     .lookup("new_customer_account", "new_customer", "account");
@@ -147,6 +151,7 @@ impl ErrorTemplate {
 #[derive(Clone, Debug)]
 pub struct EmulatorConfig {
     pub(crate) tables: Vec<EmulatedTable>,
+    pub(crate) host: IpAddr,
     pub(crate) port: u16,
     pub(crate) dop_hint: u32,
     pub(crate) request_limit: Option<(u32, Duration)>,
@@ -155,6 +160,9 @@ pub struct EmulatorConfig {
     pub(crate) credentials: Option<ClientCredentials>,
     pub(crate) token_lifetime: Duration,
     pub(crate) tls: bool,
+    pub(crate) request_log: Option<PathBuf>,
+    /// (table logical name or entity set, create body), in order.
+    pub(crate) seed: Vec<(String, Value)>,
     pub(crate) lookup_missing: ErrorTemplate,
     pub(crate) key_missing: ErrorTemplate,
     pub(crate) duplicate_key: ErrorTemplate,
@@ -193,6 +201,7 @@ impl EmulatorConfig {
     pub fn new() -> Self {
         EmulatorConfig {
             tables: Vec::new(),
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 0,
             dop_hint: 4,
             request_limit: None,
@@ -201,6 +210,8 @@ impl EmulatorConfig {
             credentials: None,
             token_lifetime: Duration::from_secs(3599),
             tls: false,
+            request_log: None,
+            seed: Vec::new(),
             lookup_missing: ErrorTemplate::new(
                 404,
                 "0x80040217",
@@ -226,9 +237,36 @@ impl EmulatorConfig {
         self
     }
 
-    /// The port on 127.0.0.1 (default 0: an ephemeral port, see [`Emulator::base_url`](super::Emulator::base_url)).
+    /// The address to listen on (default `127.0.0.1`: only this machine can connect). `0.0.0.0` or `::` listen
+    /// on every interface; the service root then names the loopback address of that family.
+    pub fn host(mut self, host: IpAddr) -> Self {
+        self.host = host;
+        self
+    }
+
+    /// The port (default 0: an ephemeral port, see [`Emulator::base_url`](super::Emulator::base_url)).
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
+        self
+    }
+
+    /// Appends one JSON object per line to this file for every HTTP request, when its response is sent:
+    /// `time_unix_ms` (arrival), `method`, `target` (path and query), `status`, `duration_ms`,
+    /// `service_request_id` (the `x-ms-service-request-id` sent back), and the client's
+    /// `client_request_id` / `correlation_request_id` headers when present. The file is created if missing and
+    /// never truncated; [`Emulator::start`](super::Emulator::start) fails if it cannot be opened.
+    pub fn request_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.request_log = Some(path.into());
+        self
+    }
+
+    /// A row to create when the emulator starts, before it accepts connections: `row` is the body of a Web API
+    /// create on `table` (a logical name or an entity set name), with lookups as `@odata.bind`. Rows are
+    /// created in the order added; [`Emulator::start`](super::Emulator::start) fails with
+    /// [`EmulatorError::Seed`](super::EmulatorError::Seed) if one is refused. See also
+    /// [`seed_json`](Self::seed_json).
+    pub fn seed_row(mut self, table: &str, row: Value) -> Self {
+        self.seed.push((table.to_owned(), row));
         self
     }
 
@@ -286,8 +324,10 @@ impl EmulatorConfig {
         self
     }
 
-    /// Serve https with a self-signed certificate generated at start for `127.0.0.1` and `localhost`
-    /// (see [`Emulator::certificate_pem`](super::Emulator::certificate_pem)).
+    /// Serve https with a self-signed certificate generated at start for `127.0.0.1`, `localhost` and the
+    /// [`host`](Self::host), with a subject and serial number of its own per instance (see
+    /// [`Emulator::certificate_pem`](super::Emulator::certificate_pem) and
+    /// [`Emulator::certificate_subject`](super::Emulator::certificate_subject)).
     pub fn tls(mut self, on: bool) -> Self {
         self.tls = on;
         self

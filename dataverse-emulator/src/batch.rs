@@ -8,13 +8,13 @@ use uuid::Uuid;
 
 use super::Shared;
 use super::limits::Kind;
+use super::multipart::{
+    self, MAX_OPERATIONS, Part, PartResponse, Request as Operation, ResponsePart,
+};
 use super::ops::{self, Ctx, OpHeaders, OpRequest, ROOT_PATH};
 use super::reply::{Reply, codes};
 use super::tables::Data;
 use super::url::Prefs;
-use crate::dataverse::batch::{
-    self as wire, MAX_OPERATIONS, Operation, OperationResponse, Part, ResponsePart,
-};
 
 /// Runs a `$batch` request body.
 pub(crate) fn execute(
@@ -28,11 +28,11 @@ pub(crate) fn execute(
             "A $batch request needs a 'Content-Type: multipart/mixed; boundary=...' header.",
         );
     };
-    let parts = match wire::parse_request(content_type, body) {
+    let parts = match multipart::parse(content_type, body) {
         Ok(parts) => parts,
         Err(e) => return Reply::bad_payload(e.to_string()),
     };
-    let operations = wire::count_operations(&parts);
+    let operations = multipart::operation_count(&parts);
     if operations > MAX_OPERATIONS {
         // UNCONFIRMED: the wire shape of this fault.
         return Reply::error(
@@ -104,7 +104,7 @@ pub(crate) fn execute(
             }
         }
     }
-    let (content_type, body) = wire::encode_response(&responses);
+    let (content_type, body) = multipart::write(&responses);
     let mut reply = Reply {
         status: outer_status,
         headers: vec![("Content-Type", content_type)],
@@ -121,7 +121,7 @@ fn run_with_ids(
     data: &mut Data,
     op: &Operation,
     ids: &mut HashMap<String, (usize, Uuid)>,
-) -> OperationResponse {
+) -> PartResponse {
     let (response, entity) = run_op(shared, data, op, Some(ids));
     if let (Some(content_id), Some(entity)) = (&op.content_id, entity)
         && response.status < 400
@@ -136,7 +136,7 @@ fn run(
     data: &mut Data,
     op: &Operation,
     ids: Option<&HashMap<String, (usize, Uuid)>>,
-) -> OperationResponse {
+) -> PartResponse {
     run_op(shared, data, op, ids).0
 }
 
@@ -147,9 +147,9 @@ fn run_op(
     data: &mut Data,
     op: &Operation,
     ids: Option<&HashMap<String, (usize, Uuid)>>,
-) -> (OperationResponse, Option<(usize, Uuid)>) {
+) -> (PartResponse, Option<(usize, Uuid)>) {
     if op
-        .header_value("MSCRM.BypassCustomPluginExecution")
+        .header("MSCRM.BypassCustomPluginExecution")
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
     {
         shared.counters.kind(Kind::Bypass);
@@ -166,8 +166,8 @@ fn run_op(
         None => (resolved.as_str(), None),
     };
     let headers = OpHeaders::new(
-        op.header_value("If-Match"),
-        op.header_value("If-None-Match"),
+        op.header("If-Match"),
+        op.header("If-None-Match"),
         op.headers
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case("prefer"))
@@ -178,7 +178,7 @@ fn run_op(
         path,
         query,
         headers,
-        body: op.body.as_deref().unwrap_or_default().as_bytes(),
+        body: &op.body,
     };
     let ctx = Ctx {
         content_ids: ids,
@@ -215,7 +215,7 @@ fn resolve_url(
             &reference[end..]
         ));
     }
-    let relative = wire::relative_url(url, ROOT_PATH);
+    let relative = multipart::relative_url(url, ROOT_PATH);
     if let Some(rooted) = relative.strip_prefix('/') {
         // Another API version (`/api/data/v9.0/...`) is served the same way.
         if let Some(after) = rooted.strip_prefix("api/data/v")
@@ -232,14 +232,14 @@ fn resolve_url(
     Ok(relative.to_owned())
 }
 
-fn part_response(reply: Reply, op: &Operation) -> OperationResponse {
+fn part_response(reply: Reply, op: &Operation) -> PartResponse {
     let mut headers: Vec<(String, String)> = Vec::with_capacity(reply.headers.len() + 2);
     headers.push(("OData-Version".to_owned(), "4.0".to_owned()));
     if let Some(entity_id) = reply.header_value("OData-EntityId") {
         headers.push(("Location".to_owned(), entity_id.to_owned()));
     }
     headers.extend(reply.headers.into_iter().map(|(n, v)| (n.to_owned(), v)));
-    OperationResponse {
+    PartResponse {
         status: reply.status,
         headers,
         body: reply.body,
@@ -248,7 +248,7 @@ fn part_response(reply: Reply, op: &Operation) -> OperationResponse {
 }
 
 /// A failed part carries `REQ_ID`.
-fn failed_part(reply: Reply, op: &Operation) -> OperationResponse {
+fn failed_part(reply: Reply, op: &Operation) -> PartResponse {
     let mut response = part_response(reply, op);
     response
         .headers

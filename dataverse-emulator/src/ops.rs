@@ -459,7 +459,7 @@ fn resolve_bind(shared: &Shared, data: &Data, target: usize, bind: &str, ctx: &C
         }
         return Ok(id);
     }
-    let relative = crate::dataverse::batch::relative_url(bind, ROOT_PATH);
+    let relative = crate::multipart::relative_url(bind, ROOT_PATH);
     let relative = relative.strip_prefix('/').unwrap_or(relative);
     let wrong = || {
         Reply::bad_request(format!(

@@ -162,9 +162,13 @@ struct FaultState {
     outage: bool,
     outage_until: Option<Instant>,
     fail_rate: f64,
+    /// 0 stands for 503.
+    fail_rate_status: u16,
     rng: u64,
     fail_next: u32,
     fail_next_status: u16,
+    /// 0 stands for 1 s.
+    retry_after_secs: u64,
 }
 
 impl Faults {
@@ -191,9 +195,31 @@ impl Faults {
     /// This fraction (0.0 to 1.0) of Web API requests get `503`, chosen by a pseudo-random sequence seeded with
     /// `seed`, so a run is reproducible for the same request order.
     pub fn fail_rate(&self, rate: f64, seed: u64) {
+        self.fail_rate_with(rate, seed, 503);
+    }
+
+    /// Like [`fail_rate`](Self::fail_rate), with another status: `429` (throttling, with
+    /// [`Retry-After`](Self::set_retry_after) and code `0x80072322`), `500`, `502`, ... A NaN rate counts as 0.
+    pub fn fail_rate_with(&self, rate: f64, seed: u64, status: u16) {
         let mut state = self.state();
-        state.fail_rate = rate.clamp(0.0, 1.0);
+        state.fail_rate = if rate.is_nan() {
+            0.0
+        } else {
+            rate.clamp(0.0, 1.0)
+        };
+        state.fail_rate_status = status;
         state.rng = seed;
+    }
+
+    /// The `Retry-After` (whole seconds, at least 1; default 1) sent with the `429`s of injected faults and of
+    /// the concurrency limit. (The request-rate limit computes its own from its window.)
+    pub fn set_retry_after(&self, seconds: u64) {
+        self.state().retry_after_secs = seconds;
+    }
+
+    /// See [`set_retry_after`](Self::set_retry_after).
+    pub(crate) fn retry_after(&self) -> u64 {
+        self.state().retry_after_secs.max(1)
     }
 
     /// The next `n` Web API requests get `status`: `429` comes with `Retry-After: 1` and code `0x80072322`, other
@@ -250,7 +276,10 @@ impl Faults {
             // 53 random bits as a fraction in [0, 1).
             let unit = (draw >> 11) as f64 / (1u64 << 53) as f64;
             if unit < state.fail_rate {
-                return Some(503);
+                return Some(match state.fail_rate_status {
+                    0 => 503,
+                    status => status,
+                });
             }
         }
         None

@@ -1,6 +1,7 @@
 //! The HTTP entry point: token endpoint, authentication, service protection, faults, then the Web API.
 
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -11,14 +12,46 @@ use super::Shared;
 use super::limits::{Admission, Kind};
 use super::ops::{self, Ctx, OpHeaders, OpRequest, ROOT_PATH};
 use super::reply::{Reply, codes};
+use super::request_log::{self, Entry};
+use uuid::Uuid;
 
 /// Largest request body read (bulk payloads are bounded by the real service at about 117 MB).
 const MAX_BODY: usize = 128 * 1024 * 1024;
 
 pub(crate) async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     shared.counters.request();
+    let arrived = (SystemTime::now(), Instant::now());
+    // What the request log needs of the request, before `serve` consumes it.
+    let logged = shared.request_log.as_ref().map(|_| {
+        let client = |name| header(request.headers(), name).map(str::to_owned);
+        (
+            request.method().to_string(),
+            request.uri().path_and_query().map_or_else(
+                || request.uri().path().to_owned(),
+                |pq| pq.as_str().to_owned(),
+            ),
+            client("x-ms-client-request-id"),
+            client("x-ms-correlation-request-id"),
+        )
+    });
     let (reply, api) = serve(&shared, request).await;
-    into_response(&shared, reply, api)
+    let service_request_id = Uuid::new_v4().to_string();
+    let status = reply.status;
+    let response = into_response(&shared, reply, api, &service_request_id);
+    if let (Some(log), Some((method, target, client, correlation))) = (&shared.request_log, &logged)
+    {
+        log.write(&Entry {
+            time_unix_ms: request_log::unix_ms(arrived.0),
+            method,
+            target,
+            status,
+            duration_ms: arrived.1.elapsed().as_secs_f64() * 1000.0,
+            service_request_id: &service_request_id,
+            client_request_id: client.as_deref(),
+            correlation_request_id: correlation.as_deref(),
+        });
+    }
+    response
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -81,7 +114,7 @@ async fn serve(shared: &Shared, request: Request) -> (Reply, bool) {
                 codes::TOO_MANY_CONCURRENT_REQUESTS,
                 format!("Number of concurrent requests exceeded the limit of {limit}."),
             )
-            .header("Retry-After", "1"),
+            .header("Retry-After", shared.faults.retry_after().to_string()),
             true,
         );
     };
@@ -125,7 +158,7 @@ async fn serve(shared: &Shared, request: Request) -> (Reply, bool) {
                     codes::TOO_MANY_REQUESTS,
                     "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
                 )
-                .header("Retry-After", "1")
+                .header("Retry-After", shared.faults.retry_after().to_string())
             }
             503 => Reply::error(
                 503,
@@ -215,11 +248,15 @@ fn token_tenant(path: &str) -> Option<&str> {
     (!tenant.is_empty() && !tenant.contains('/')).then_some(tenant)
 }
 
-fn into_response(shared: &Shared, reply: Reply, api: bool) -> Response {
+fn into_response(shared: &Shared, reply: Reply, api: bool, service_request_id: &str) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = Response::new(Body::from(reply.body));
     *response.status_mut() = status;
+    response.extensions_mut().extend(shared.header_case.clone());
     let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(service_request_id) {
+        headers.insert(HeaderName::from_static("x-ms-service-request-id"), value);
+    }
     if api {
         headers.insert(
             HeaderName::from_static("odata-version"),
