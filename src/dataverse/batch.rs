@@ -23,7 +23,7 @@ pub struct Operation {
     /// Relative to the service root (`accounts(accountnumber='A-1')?$select=accountid`), absolute
     /// (`https://host/api/data/v9.2/accounts`), or a Content-ID reference (`$1`, `$1/name`).
     ///
-    /// [`parse_request`] returns the URL exactly as written in the request line (typically
+    /// `parse_request` (tests only) returns the URL exactly as written in the request line (typically
     /// `/api/data/v9.2/accounts`); [`relative_url`] strips the service root path.
     pub url: String,
     /// Headers of the inner request, in order (`Content-Type` is added by [`Operation::json`]).
